@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast venv clean
+
+# The venv is (re)installed when pyproject.toml changes. torch is pinned to the CPU build
+# (torch==2.13.0) in pyproject.toml: a looser pin would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The main job on the embedded default: local Ray, small model, real English corpus.
+demo: $(STAMP)
+	$(BIN)/rayq train --preset demo --out runs/demo
+
+# What CI runs: unit tests plus the Ray integration and slow tests (xla/gpu lanes skip here).
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not xla and not gpu" -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# Fast unit tests only (no Ray, no corpus download): the inner loop while developing.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,123 @@
+"""Checkpoint I/O: one directory per checkpoint, written atomically, loaded with weights_only.
+
+Layout of `step_N/`:
+  model.pt      model state dict (fp32 master weights)
+  optim.pt      optimizer state dict
+  trainer.pt    step, loss-scaler state, RNG states, data position, counters
+  config.yaml   the resolved config (so a checkpoint alone says what produced it)
+
+Writers build the directory under a temporary name next to its destination and rename it in one
+step, so a killed run leaves either the old checkpoint or the new one, never half of one.
+Everything is loaded with `torch.load(weights_only=True)`: a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from rayq import config as config_io
+from rayq.errors import UserError
+from rayq.schema import Config
+
+FILES = ("model.pt", "optim.pt", "trainer.pt", "config.yaml")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def write(directory: str | os.PathLike, *, model_state: dict, optim_state: Optional[dict],
+          trainer_state: dict, cfg: Config) -> None:
+    """Write checkpoint files into an existing (staging) directory."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(model_state, d / "model.pt")
+    if optim_state is not None:
+        torch.save(optim_state, d / "optim.pt")
+    torch.save(trainer_state, d / "trainer.pt")
+    (d / "config.yaml").write_text(config_io.dump_yaml(cfg))
+
+
+def commit(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Atomically move a finished staging directory to its final name (replacing an old one)."""
+    staging, final = Path(staging), Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():  # re-written after a resume: move the old one aside first, then drop it
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    return final
+
+
+def staging_dir(parent: str | os.PathLike, name: str) -> Path:
+    """A fresh, empty directory next to where `name` will be committed (same filesystem)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+
+
+def _load(path: Path) -> Any:
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint file missing (expected {', '.join(FILES)})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise UserError(f"{path}: corrupted or truncated checkpoint file ({type(exc).__name__})") from None
+
+
+def load(directory: str | os.PathLike, *, with_optimizer: bool = True) -> dict:
+    """Read a checkpoint directory: {"model", "optim", "trainer", "config"}."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise UserError(f"{d}: not a checkpoint directory")
+    out = {"model": _load(d / "model.pt"), "trainer": _load(d / "trainer.pt")}
+    out["optim"] = _load(d / "optim.pt") if with_optimizer and (d / "optim.pt").exists() else None
+    out["config"] = config_io.resolve(config_file=d / "config.yaml")
+    return out
+
+
+def load_config(directory: str | os.PathLike) -> Config:
+    return config_io.resolve(config_file=Path(directory) / "config.yaml")
+
+
+def list_steps(checkpoints_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Committed `step_N` directories, oldest first (staging and .old directories are ignored)."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest(checkpoints_dir: str | os.PathLike) -> Optional[Path]:
+    steps = list_steps(checkpoints_dir)
+    return steps[-1][1] if steps else None
+
+
+def prune(checkpoints_dir: str | os.PathLike, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (0 keeps all); also sweep abandoned staging dirs."""
+    root = Path(checkpoints_dir)
+    if keep > 0:
+        for _, path in list_steps(root)[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+    for stale in root.glob(".step_*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """Accept a checkpoint dir, a run dir (latest checkpoint), or its checkpoints/ dir."""
+    p = Path(path)
+    if (p / "model.pt").exists():
+        return p
+    for root in (p / "checkpoints", p):
+        if (found := latest(root)) is not None:
+            return found
+    raise UserError(f"{p}: no checkpoint found (expected a step_N directory with model.pt)")

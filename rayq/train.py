@@ -1,0 +1,317 @@
+"""The one train loop: local runs, Ray Train workers, tests and benchmarks all call `run()`.
+
+`run(cfg, reporter)` trains `cfg.recipe` on the prepared corpus: AdamW (weight decay on >=2-D
+weights only), linear warmup + cosine decay, optional gradient clipping, the precision policy
+(native autocast or emulated rounding; dynamic loss scaling for fp16), periodic held-out loss and
+an optional eval hook (the INT8 evaluator), NaN/inf detection, atomic checkpoints and bit-exact
+resume. Where the loop runs is the reporter's business: `LocalReporter` writes a run directory;
+`rayq.cluster` supplies a reporter that forwards to `ray.train.report`. This module never
+imports ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from rayq import checkpoint as ckpt_io
+from rayq import config as config_io
+from rayq.model import GPT, param_groups
+from rayq.precision import PrecisionPolicy
+from rayq.schema import Config
+
+# An eval hook: (unwrapped model, step, policy) -> flat metrics, run on rank 0 at each eval step.
+EvalHook = Callable[[nn.Module, int, PrecisionPolicy], dict]
+
+# With fp16 loss scaling a non-finite loss is first a skipped step; this many in a row is divergence.
+MAX_CONSECUTIVE_SKIPS = 20
+
+
+class Reporter(Protocol):
+    """Where metrics and checkpoints go, and where a resume comes from."""
+
+    rank: int
+    world_size: int
+
+    def new_checkpoint_dir(self, step: int) -> Path: ...
+
+    def report(self, metrics: dict, checkpoint: Optional[Path] = None) -> Optional[Path]:
+        """Record metrics; commit the staged checkpoint dir (if any) and return where it now lives."""
+
+    def restore(self) -> Optional[Path]: ...
+
+
+class LocalReporter:
+    """A run directory: config.yaml, metrics.jsonl (one line per report), checkpoints/step_N/."""
+
+    def __init__(self, run_dir: str | Path, cfg: Config, *, echo: bool = True, rank: int = 0, world_size: int = 1):
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size = rank, world_size
+        self.keep = cfg.train.keep_checkpoints
+        self.echo = echo
+        self.checkpoints = self.run_dir / "checkpoints"
+        if rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config_io.save(cfg, self.run_dir / "config.yaml")
+
+    def new_checkpoint_dir(self, step: int) -> Path:
+        return ckpt_io.staging_dir(self.checkpoints, f"step_{step}")
+
+    def report(self, metrics: dict, checkpoint: Optional[Path] = None) -> Optional[Path]:
+        final = None
+        if self.rank != 0:
+            return None
+        if checkpoint is not None:
+            final = ckpt_io.commit(checkpoint, self.checkpoints / f"step_{metrics['step']}")
+            ckpt_io.prune(self.checkpoints, self.keep)
+            metrics = {**metrics, "checkpoint_path": str(final)}
+        line = json.dumps(metrics, default=float)
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(line + "\n")
+        if self.echo:
+            print(format_metrics(metrics), file=sys.stderr, flush=True)
+        return final
+
+    def restore(self) -> Optional[Path]:
+        return ckpt_io.latest(self.checkpoints)
+
+
+def format_metrics(m: dict) -> str:
+    keys = [k for k in m if k != "checkpoint_path"]
+    parts = [f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys]
+    return "  ".join(parts)
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup to recipe.lr, then cosine decay to lr * min_lr_ratio at recipe.steps."""
+    r = cfg.recipe
+    if r.warmup_steps and step <= r.warmup_steps:
+        return r.lr * step / r.warmup_steps
+    span = max(1, r.steps - r.warmup_steps)
+    progress = min(1.0, (step - r.warmup_steps) / span)
+    return r.lr * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def resolve_device(cfg: Config, device: Optional[torch.device | str]) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
+
+
+@dataclass
+class RunResult:
+    step: int
+    diverged: bool
+    last_metrics: dict
+    checkpoint: Optional[Path]
+    history: list[dict] = field(default_factory=list)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": _python_rng_tensor()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _python_rng_tensor() -> torch.Tensor:
+    # weights_only loading forbids arbitrary objects: store Python's RNG state as a tensor
+    version, internal, gauss = random.getstate()
+    return torch.tensor([version, *internal, -1 if gauss is None else 1], dtype=torch.int64)
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    values = state["python"].tolist()
+    random.setstate((values[0], tuple(values[1:-1]), None))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def build_model(cfg: Config, device: torch.device) -> GPT:
+    return GPT(cfg.model, dropout=cfg.recipe.dropout).to(device)
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
+    r = cfg.recipe
+    return torch.optim.AdamW(param_groups(model, r.weight_decay), lr=r.lr, betas=(r.beta1, r.beta2), eps=r.eps,
+                             foreach=True)
+
+
+def _wrap_distributed(model: nn.Module, world_size: int, device: torch.device) -> nn.Module:
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], policy: PrecisionPolicy,
+                 device: torch.device) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with policy.autocast():
+            logits = model(x)
+        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optional[EvalHook] = None,
+        device: Optional[torch.device | str] = None, batches: Optional[Iterator] = None,
+        stop_at: Optional[int] = None) -> RunResult:
+    """Train `cfg` to `cfg.recipe.steps` (or `stop_at`), resuming from `reporter.restore()` if any.
+
+    `data` is a `rayq.data.PreparedData` (prepared here when None); `batches` overrides the batch
+    source (an iterator of (x, y) with state_dict/load_state_dict, e.g. a Ray Data shard).
+    """
+    from rayq import data as data_io
+
+    device = resolve_device(cfg, device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    rank, world = reporter.rank, reporter.world_size
+    if cfg.recipe.batch_size % world:
+        raise ValueError(f"recipe.batch_size={cfg.recipe.batch_size} is not divisible by {world} workers")
+    local_batch = cfg.recipe.batch_size // world
+
+    torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's
+    random.seed(cfg.train.seed)
+    model = build_model(cfg, device)
+    optimizer = build_optimizer(model, cfg)
+    policy = PrecisionPolicy.from_recipe(cfg.recipe, device.type)
+    scaler = policy.make_scaler()
+    if data is None:
+        data = data_io.prepare(cfg)
+    if batches is None:
+        batches = data_io.train_batches(data, batch_size=local_batch, seq_len=cfg.model.seq_len,
+                                        seed=cfg.train.seed, rank=rank, world_size=world)
+    heldout = data_io.heldout_batches(data, cfg.train.eval_batches, cfg.eval.batch_size, cfg.model.seq_len)
+
+    step, skipped, consecutive_skips = 0, 0, 0
+    resume = reporter.restore()
+    if resume is not None:
+        state = ckpt_io.load(resume)
+        model.load_state_dict(state["model"])
+        if state["optim"] is not None:
+            optimizer.load_state_dict(state["optim"])
+        t = state["trainer"]
+        step, skipped = int(t["step"]), int(t.get("skipped_steps", 0))
+        if scaler is not None and t.get("scaler"):
+            scaler.load_state_dict(t["scaler"])
+        batches.load_state_dict(t["data"])
+        _set_rng_state(t["rng"][rank] if rank < len(t["rng"]) else t["rng"][0], device)
+    else:
+        torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank dropout streams
+
+    train_model = _wrap_distributed(model, world, device)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    train_model.train()
+    last_step = min(cfg.recipe.steps, stop_at) if stop_at is not None else cfg.recipe.steps
+    history: list[dict] = []
+    last_metrics: dict = {}
+    last_ckpt: Optional[Path] = resume
+    window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
+    grad_norm = float("nan")
+    diverged = False
+
+    def checkpoint_and_report(metrics: dict, with_checkpoint: bool) -> None:
+        nonlocal last_ckpt, last_metrics
+        staging = None
+        if with_checkpoint:
+            staging = reporter.new_checkpoint_dir(step)
+            rng = _gather_rng(_rng_state(device), world)
+            if rank == 0:
+                ckpt_io.write(staging, model_state=model.state_dict(), optim_state=optimizer.state_dict(),
+                              trainer_state={"step": step, "skipped_steps": skipped, "rng": rng,
+                                             "scaler": scaler.state_dict() if scaler is not None else {},
+                                             "data": batches.state_dict()}, cfg=cfg)
+        final = reporter.report(metrics, checkpoint=staging)
+        if staging is not None:
+            last_ckpt = final
+        last_metrics = metrics
+        history.append(metrics)
+
+    while step < last_step:
+        t0 = time.perf_counter()
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step + 1, cfg)
+        with policy.autocast():
+            logits = train_model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss_value = loss.item()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # unscale before clipping so the norm is the true one
+        else:
+            loss.backward()
+        max_norm = cfg.recipe.grad_clip if cfg.recipe.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        if scaler is not None:
+            scale_before = scaler.get_scale()
+            scaler.step(optimizer)  # skipped internally when grads hold inf/NaN
+            scaler.update()
+            step_skipped = scaler.get_scale() < scale_before
+        else:
+            step_skipped = False
+            if math.isfinite(loss_value):
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        skipped += int(step_skipped)
+        consecutive_skips = consecutive_skips + 1 if step_skipped else 0
+        window_time += time.perf_counter() - t0
+        window_tokens += x.numel() * world
+
+        if not math.isfinite(loss_value) and (scaler is None or consecutive_skips >= MAX_CONSECUTIVE_SKIPS):
+            diverged = True
+            reporter.report({"step": step, "train/loss": loss_value, "diverged": 1, "train/skipped_steps": skipped})
+            history.append({"step": step, "diverged": 1})
+            break
+        if math.isfinite(loss_value):
+            window_loss += loss_value
+            window_n += 1
+
+        is_eval = step == last_step or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
+        is_ckpt = step == last_step or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+        if step % cfg.train.log_every == 0 or is_eval or is_ckpt:
+            metrics = {"step": step, "train/loss": window_loss / max(1, window_n),
+                       "train/tokens_per_s": window_tokens / max(window_time, 1e-9),
+                       "train/grad_norm": grad_norm, "train/lr": lr_at(step, cfg),
+                       "train/loss_scale": scaler.get_scale() if scaler is not None else 1.0,
+                       "train/skipped_steps": skipped, "diverged": 0}
+            window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
+            if is_eval:
+                metrics["eval/loss"] = heldout_loss(model, heldout, policy, device)
+                if evaluator is not None and rank == 0:
+                    metrics.update(evaluator(model, step, policy))
+            checkpoint_and_report(metrics, with_checkpoint=bool(is_ckpt))
+    return RunResult(step=step, diverged=diverged, last_metrics=last_metrics, checkpoint=last_ckpt, history=history)
+
+
+def _gather_rng(state: dict, world: int) -> list[dict]:
+    """Every rank's RNG state, so a resumed run continues each rank's dropout stream exactly."""
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, state)
+    return gathered
