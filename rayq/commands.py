@@ -148,7 +148,17 @@ def _registry(module: str, func: str) -> list[tuple[str, str]]:
         raise
     if not hasattr(mod, func):
         raise UserError(f"{module}.{func} is not available in this rayq")
-    return [(str(n), str(d)) for n, d in getattr(mod, func)()]
+    return [_name_and_description(item) for item in getattr(mod, func)()]
+
+
+def _name_and_description(item: Any) -> tuple[str, str]:
+    """Registries return (name, description) pairs, mappings, or spec objects with those fields."""
+    if isinstance(item, dict):
+        return str(item["name"]), str(item.get("description", ""))
+    if hasattr(item, "name"):
+        return str(item.name), str(getattr(item, "description", "") or "")
+    name, desc = item
+    return str(name), str(desc)
 
 
 LS_TOPICS = {
