@@ -1,0 +1,300 @@
+"""Why a model is (or is not) easy to quantize: the weight and activation diagnostics of paper §5.
+
+Per layer, on a few held-out batches of the FP model:
+* RMSE(X, X_hat) of the input X of `attn.qkv`, X_hat = INT8 vector-wise (per-token absmax)
+  quantize-dequantize: what W8A8 does to that input;
+* mean per-token activation STD (std over features, averaged over tokens) at each linear's input;
+* LayerNorm gain STD (a wide spread of gains is what amplifies some features);
+* spectral norm of each linear weight (power iteration in float64);
+* outlier dimensions by the Dettmers rule: a feature is an outlier where |x| >= threshold (6) at
+  >= 6% of the tokens, in >= 25% of the sites (inputs of attn.qkv and mlp.fc_in, i.e. the
+  LayerNorm outputs Dettmers tracked); the z-score variant replaces the absolute threshold by
+  |x - mean| / std >= z (6) per site and batch, so it still works at scales where nothing reaches 6;
+* weight and LayerNorm-gain histograms.
+
+Statistics are accumulated batch by batch (no activation is kept), so this runs on big models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from rayq.eval.scoring import eval_mode, model_device
+
+_LINEAR = re.compile(r"^blocks\.(\d+)\.(attn\.qkv|attn\.out|mlp\.fc_in|mlp\.fc_out)$")
+_LAYERNORM = re.compile(r"^(blocks\.(\d+)\.(ln_attn|ln_mlp)|ln_f)$")
+SITES = ("attn.qkv", "attn.out", "mlp.fc_in", "mlp.fc_out")
+OUTLIER_SITES = ("attn.qkv", "mlp.fc_in")  # LayerNorm outputs, where Dettmers found the outlier features
+HIST_BINS = 60
+
+
+def spectral_norm(weight: torch.Tensor, *, iters: int = 500, tol: float = 1e-10, seed: int = 0) -> float:
+    """Largest singular value by power iteration on W^T W (float64, deterministic start)."""
+    w = weight.detach().double().cpu()
+    if w.dim() != 2:
+        w = w.reshape(w.shape[0], -1)
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(w.shape[1], generator=gen, dtype=torch.float64)
+    v /= v.norm()
+    sigma = 0.0
+    for _ in range(iters):
+        u = w @ v
+        un = u.norm()
+        if un == 0:
+            return 0.0
+        v_new = w.T @ (u / un)
+        new_sigma = float(v_new.norm())  # = ||W^T u|| -> sigma_max as v converges
+        v = v_new / new_sigma
+        if abs(new_sigma - sigma) <= tol * new_sigma:
+            return new_sigma
+        sigma = new_sigma
+    return sigma
+
+
+def quant_dequant_rows(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Symmetric absmax quantize-dequantize per row (token) — W8A8 vector-wise's activation side.
+    All-zero rows get an epsilon scale instead of a NaN."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+    return (x / scale).round().clamp(-qmax, qmax) * scale
+
+
+def histogram(values: torch.Tensor, bins: int = HIST_BINS) -> dict:
+    v = values.detach().float().cpu().flatten()
+    lo, hi = float(v.min()), float(v.max())
+    if lo == hi:
+        lo, hi = lo - 0.5, hi + 0.5
+    counts = torch.histc(v, bins=bins, min=lo, max=hi)
+    return {"edges": np.linspace(lo, hi, bins + 1).tolist(), "counts": counts.long().tolist()}
+
+
+@dataclass
+class OutlierReport:
+    rule: str  # "abs" or "zscore"
+    threshold: float
+    min_layer_frac: float
+    min_token_frac: float
+    dims: list[int]  # outlier feature dimensions
+    layer_frac: list[float]  # per dimension: fraction of sites where it is affected
+
+
+@dataclass
+class Diagnostics:
+    n_layer: int
+    tokens: int
+    qkv_input_rmse: list[float]  # per layer
+    act_std: dict[str, list[float]]  # site -> per layer mean per-token std of the linear's input
+    max_abs_act: dict[str, list[float]]  # site -> per layer max |x|
+    dim_max_abs: list[list[float]]  # per layer: max |x| per feature at the qkv input (outlier picture)
+    ln_gain_std: dict[str, float]  # LayerNorm name -> std of its gain
+    spectral_norm: dict[str, float]  # linear name -> largest singular value
+    outliers: OutlierReport
+    outliers_z: OutlierReport
+    weight_hist: dict[str, dict] = field(repr=False)  # "layer i" -> histogram of its block linear weights
+    ln_gain_hist: dict[str, dict] = field(repr=False)  # LayerNorm name -> histogram of its gain
+
+    def summary(self) -> dict[str, float]:
+        """Flat `diag/...` scalars for the metric stream."""
+        sn = list(self.spectral_norm.values())
+        ln = list(self.ln_gain_std.values())
+        return {
+            "diag/qkv_rmse_mean": float(np.mean(self.qkv_input_rmse)),
+            "diag/qkv_rmse_max": float(np.max(self.qkv_input_rmse)),
+            "diag/act_std_mean": float(np.mean(self.act_std["attn.qkv"])),
+            "diag/max_abs_act": float(max(max(v) for v in self.max_abs_act.values())),
+            "diag/ln_gain_std_mean": float(np.mean(ln)),
+            "diag/ln_gain_std_max": float(np.max(ln)),
+            "diag/spectral_norm_mean": float(np.mean(sn)),
+            "diag/spectral_norm_max": float(np.max(sn)),
+            "diag/outlier_dims": float(len(self.outliers.dims)),
+            "diag/outlier_dims_z": float(len(self.outliers_z.dims)),
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _SiteStats:
+    """Streaming statistics of one linear's input."""
+
+    def __init__(self, width: int, threshold: float, z: float):
+        self.threshold, self.z = threshold, z
+        self.tokens = 0
+        self.sq_err = 0.0  # sum of (x - x_hat)^2
+        self.elements = 0
+        self.std_sum = 0.0
+        self.max_abs = 0.0
+        self.dim_max = torch.zeros(width, dtype=torch.float64)
+        self.abs_hits = torch.zeros(width, dtype=torch.float64)  # tokens with |x_d| >= threshold
+        self.z_hits = torch.zeros(width, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor, with_rmse: bool) -> None:
+        x = x.detach().float().reshape(-1, x.shape[-1])  # (tokens, features)
+        self.tokens += x.shape[0]
+        if with_rmse:
+            self.sq_err += float(((x - quant_dequant_rows(x)) ** 2).double().sum())
+            self.elements += x.numel()
+        self.std_sum += float(x.std(dim=-1).double().sum()) if x.shape[-1] > 1 else 0.0
+        ax = x.abs()
+        self.max_abs = max(self.max_abs, float(ax.max()))
+        self.dim_max = torch.maximum(self.dim_max, ax.amax(0).double().cpu())
+        self.abs_hits += (ax >= self.threshold).double().sum(0).cpu()
+        zs = (x - x.mean()) / x.std().clamp_min(1e-12)
+        self.z_hits += (zs.abs() >= self.z).double().sum(0).cpu()
+
+
+def _outliers(stats: Sequence[_SiteStats], attr: str, rule: str, threshold: float, layer_frac: float,
+              token_frac: float) -> OutlierReport:
+    hits = torch.stack([getattr(s, attr) / max(1, s.tokens) for s in stats])  # (sites, features)
+    affected = (hits >= token_frac).double().mean(0)  # fraction of sites where >= token_frac of tokens hit
+    dims = torch.nonzero(affected >= layer_frac).flatten().tolist()
+    return OutlierReport(rule, threshold, layer_frac, token_frac, dims, affected.tolist())
+
+
+@torch.inference_mode()
+def analyze(model: nn.Module, batches: Sequence[torch.Tensor], *, threshold: float = 6.0, z: float = 6.0,
+            layer_frac: float = 0.25, token_frac: float = 0.06, policy: Any = None,
+            spectral_iters: int = 500) -> Diagnostics:
+    """Run the diagnostics of the module docstring on `batches` (token id tensors (B, T))."""
+    linears = {}
+    for name, mod in model.named_modules():
+        if (m := _LINEAR.match(name)) and hasattr(mod, "weight"):
+            linears[name] = (int(m.group(1)), m.group(2), mod)
+    if not linears:
+        raise ValueError("diagnostics: the model has no blocks.{i}.attn.qkv|attn.out|mlp.fc_in|mlp.fc_out linears")
+    n_layer = 1 + max(i for i, _, _ in linears.values())
+    stats: dict[tuple[int, str], _SiteStats] = {}
+    handles = []
+
+    def hook_for(layer: int, site: str):
+        def hook(mod, args):
+            x = args[0]
+            key = (layer, site)
+            if key not in stats:
+                stats[key] = _SiteStats(x.shape[-1], threshold, z)
+            stats[key].update(x, with_rmse=site == "attn.qkv")
+        return hook
+
+    for name, (layer, site, mod) in linears.items():
+        handles.append(mod.register_forward_pre_hook(hook_for(layer, site)))
+    autocast = policy.autocast if policy is not None else contextlib.nullcontext
+    tokens = 0
+    try:
+        with eval_mode(model):
+            for x in batches:
+                with autocast():
+                    model(x.to(model_device(model)))
+                tokens += x.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    if not stats:
+        raise ValueError("diagnostics: no batches were run")
+
+    layers = range(n_layer)
+    site_list = [s for s in SITES if (0, s) in stats]
+    qkv = [stats[(i, "attn.qkv")] for i in layers]
+    outlier_stats = [stats[(i, s)] for i in layers for s in OUTLIER_SITES if (i, s) in stats]
+    weights = {}
+    for name, (layer, _, mod) in linears.items():
+        weights.setdefault(layer, []).append(mod.weight.detach().flatten())
+    ln_gains = {n: m.weight.detach() for n, m in model.named_modules()
+                if _LAYERNORM.match(n) and getattr(m, "weight", None) is not None}
+    return Diagnostics(
+        n_layer=n_layer,
+        tokens=tokens,
+        qkv_input_rmse=[math.sqrt(s.sq_err / max(1, s.elements)) for s in qkv],
+        act_std={site: [stats[(i, site)].std_sum / max(1, stats[(i, site)].tokens) for i in layers] for site in site_list},
+        max_abs_act={site: [stats[(i, site)].max_abs for i in layers] for site in site_list},
+        dim_max_abs=[s.dim_max.tolist() for s in qkv],
+        ln_gain_std={n: float(g.float().std()) for n, g in ln_gains.items()},
+        spectral_norm={n: spectral_norm(mod.weight, iters=spectral_iters) for n, (_, _, mod) in linears.items()},
+        outliers=_outliers(outlier_stats, "abs_hits", "abs", threshold, layer_frac, token_frac),
+        outliers_z=_outliers(outlier_stats, "z_hits", "zscore", z, layer_frac, token_frac),
+        weight_hist={f"layer {i}": histogram(torch.cat(weights[i])) for i in sorted(weights)},
+        ln_gain_hist={n: histogram(g) for n, g in ln_gains.items()},
+    )
+
+
+def plot(diag: Diagnostics, out_dir) -> list[str]:
+    """PNG figures in the manner of the paper's Figs 4, 5, 10, 11; returns the written paths.
+
+    Uses matplotlib's object API with the Agg canvas: no pyplot, no global backend switch.
+    """
+    from pathlib import Path
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    layers = list(range(diag.n_layer))
+
+    def save(fig: Figure, name: str) -> None:
+        FigureCanvasAgg(fig)
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=110)
+        written.append(str(path))
+
+    # Fig 4-like: LayerNorm gain spread per layer, and the gain distributions
+    fig = Figure(figsize=(9, 3.6))
+    ax1, ax2 = fig.subplots(1, 2)
+    for kind in ("ln_attn", "ln_mlp"):
+        ys = [diag.ln_gain_std.get(f"blocks.{i}.{kind}", float("nan")) for i in layers]
+        ax1.plot(layers, ys, marker="o", label=kind)
+    ax1.set(xlabel="layer", ylabel="std of LayerNorm gain", title="LayerNorm gain spread")
+    ax1.legend()
+    for name, h in diag.ln_gain_hist.items():
+        edges = np.asarray(h["edges"])
+        ax2.step(edges[:-1], h["counts"], where="post", label=name, alpha=0.7)
+    ax2.set(xlabel="gain", ylabel="count", title="LayerNorm gain histograms")
+    if len(diag.ln_gain_hist) <= 9:
+        ax2.legend(fontsize=6)
+    save(fig, "ln_gain.png")
+
+    # Fig 5-like: quantization error and activation scale per layer
+    fig = Figure(figsize=(9, 3.6))
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(layers, diag.qkv_input_rmse, marker="o")
+    ax1.set(xlabel="layer", ylabel="RMSE(X, X_hat)", title="INT8 error at the attn.qkv input")
+    for site, ys in diag.act_std.items():
+        ax2.plot(layers, ys, marker="o", label=site)
+    ax2.set(xlabel="layer", ylabel="mean per-token std", title="activation std by linear input")
+    ax2.legend(fontsize=7)
+    save(fig, "activations.png")
+
+    # Fig 10-like: spectral norms of the linear weights per layer
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.subplots()
+    for site in SITES:
+        ys = [diag.spectral_norm.get(f"blocks.{i}.{site}", float("nan")) for i in layers]
+        ax.plot(layers, ys, marker="o", label=site)
+    ax.set(xlabel="layer", ylabel="spectral norm", title="spectral norm of linear weights")
+    ax.legend(fontsize=7)
+    save(fig, "spectral_norm.png")
+
+    # Fig 11-like: weight distributions per layer, and the per-feature magnitude picture
+    fig = Figure(figsize=(9, 3.6))
+    ax1, ax2 = fig.subplots(1, 2)
+    for name, h in diag.weight_hist.items():
+        edges = np.asarray(h["edges"])
+        ax1.step(edges[:-1], np.maximum(h["counts"], 1), where="post", label=name, alpha=0.7)
+    ax1.set(xlabel="weight", ylabel="count", yscale="log", title="block linear weights")
+    if len(diag.weight_hist) <= 9:
+        ax1.legend(fontsize=6)
+    mags = np.asarray(diag.dim_max_abs)
+    im = ax2.imshow(mags, aspect="auto", interpolation="nearest", cmap="viridis")
+    ax2.set(xlabel="feature", ylabel="layer", title=f"max |x| at attn.qkv input ({len(diag.outliers.dims)} outlier dims)")
+    fig.colorbar(im, ax=ax2)
+    save(fig, "weights_outliers.png")
+    return written

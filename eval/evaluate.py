@@ -1,0 +1,293 @@
+"""`evaluate(model, tasks, schemes)`: FP scores, per-scheme scores, degradation with CI, KL.
+
+The FP model is never modified: each scheme quantizes a deep copy (`rayq.kernels.quantize_`), one
+scheme at a time so that only one quantized copy is alive. Tasks are tokenized once and the same
+token requests are scored by every model, so FP and Q see identical items (the bootstrap pairs
+them). `make_eval_hook(cfg, data)` wraps this for the train loop's eval steps.
+
+Metric names (DESIGN.md): `fp/<task>/acc`, `fp/acc`, `q/<scheme>/<task>/acc`, `q/<scheme>/acc`,
+`ptq/<scheme>/degradation_pct` (+ `_ci_low`, `_ci_high`), `ptq/<scheme>/kl`, `ptq/<scheme>/kl_se`,
+`ptq/<scheme>/top1_agree` (+ `_se`), `diag/...`; LAMBADA-style tasks add `.../ppl`, perplexity
+tasks report `.../bpb` and `.../ppl` instead of `acc`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from rayq.errors import UserError
+from rayq.eval import degradation as deg
+from rayq.eval import diagnostics as diag_mod
+from rayq.eval.scoring import Progress, TaskScores, as_tokenizer, encode_task, model_max_len, score_task
+from rayq.eval.tasks import LAST_WORD, PERPLEXITY, Task, load_tasks
+
+Quantizer = Callable[[nn.Module, str], nn.Module]  # (FP model, scheme name) -> a quantized copy
+
+
+# ============================================================================ quantization
+
+
+def list_scheme_names() -> Optional[list[str]]:
+    """The kernels' scheme names, or None when rayq.kernels does not provide them (yet)."""
+    try:
+        from rayq.kernels import list_schemes
+    except ImportError:
+        return None
+    return [getattr(s, "name", s) for s in list_schemes()]
+
+
+def check_schemes(names: Sequence[str]) -> None:
+    """Fail before any scoring on an unknown scheme, naming the closest one."""
+    known = list_scheme_names()
+    if known is None:
+        return
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"unknown quantization scheme {name!r}{hint} (rayq ls quant: {', '.join(known)})")
+
+
+def default_quantizer(calibration: Optional[Sequence[torch.Tensor]] = None) -> Quantizer:
+    """Deep-copy the model and quantize its block linears with `rayq.kernels.quantize_`.
+
+    `calibration` (held-out token batches) is handed to schemes that need activation statistics
+    (SmoothQuant); others ignore it.
+    """
+    def quantize(model: nn.Module, scheme: str) -> nn.Module:
+        try:
+            from rayq.kernels import quantize_, scheme_from_name
+        except ImportError as exc:
+            raise UserError(f"quantization scheme {scheme!r} needs rayq.kernels, which is not available ({exc})") from None
+        q = copy.deepcopy(model)
+        q.eval()
+        kwargs = {"calibration": list(calibration)} if calibration is not None and "smoothquant" in scheme else {}
+        out = quantize_(q, scheme_from_name(scheme), inplace=True, **kwargs)
+        return out if isinstance(out, nn.Module) else q
+
+    return quantize
+
+
+# ============================================================================ results
+
+
+@dataclass
+class SchemeResult:
+    scheme: str
+    tasks: dict[str, TaskScores]
+    degradation: Optional[deg.Interval]  # None when no accuracy task has a nonzero FP score
+    degradation_tasks: list[str]  # tasks the degradation averages over
+    kl: Optional[deg.KLStats]  # None when no held-out tokens were given
+    seconds: float = 0.0
+
+
+@dataclass
+class EvalResult:
+    fp: dict[str, TaskScores]
+    schemes: dict[str, SchemeResult]
+    confidence: float
+    diagnostics: Optional[diag_mod.Diagnostics] = None
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @staticmethod
+    def _task_metrics(prefix: str, scores: Mapping[str, TaskScores]) -> dict[str, float]:
+        out = {}
+        accs = []
+        for name, s in scores.items():
+            if s.kind == PERPLEXITY:
+                out[f"{prefix}/{name}/bpb"] = s.metrics["bpb"]
+                out[f"{prefix}/{name}/ppl"] = s.metrics["ppl"]
+                continue
+            out[f"{prefix}/{name}/acc"] = s.score
+            accs.append(s.score)
+            if s.kind == LAST_WORD:
+                out[f"{prefix}/{name}/ppl"] = s.metrics["ppl"]
+        if accs:
+            out[f"{prefix}/acc"] = float(np.mean(accs))
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics under DESIGN.md's names; every value a float (NaN where undefined)."""
+        out = self._task_metrics("fp", self.fp)
+        nan = float("nan")
+        for name, r in self.schemes.items():
+            out.update(self._task_metrics(f"q/{name}", r.tasks))
+            p = f"ptq/{name}"
+            if any(s.kind != PERPLEXITY for s in r.tasks.values()):
+                d = r.degradation
+                out[f"{p}/degradation_pct"] = d.estimate if d else nan
+                out[f"{p}/degradation_pct_ci_low"] = d.low if d else nan
+                out[f"{p}/degradation_pct_ci_high"] = d.high if d else nan
+            if r.kl is not None:
+                out[f"{p}/kl"] = r.kl.kl
+                out[f"{p}/kl_se"] = r.kl.kl_se
+                out[f"{p}/top1_agree"] = r.kl.top1_agree
+                out[f"{p}/top1_agree_se"] = r.kl.top1_agree_se
+        if self.diagnostics is not None:
+            out.update(self.diagnostics.summary())
+        return {k: float(v) for k, v in out.items()}
+
+    def to_dict(self) -> dict:
+        """Everything, JSON-ready (the `rayq eval --json` document)."""
+        def interval(d):
+            return None if d is None else {"estimate": d.estimate, "ci_low": d.low, "ci_high": d.high, "se": d.se,
+                                           "bootstrap_samples": d.samples}
+
+        return {
+            "confidence": self.confidence,
+            "seconds": self.seconds,
+            "meta": self.meta,
+            "fp": {n: s.to_dict() for n, s in self.fp.items()},
+            "schemes": {
+                name: {"tasks": {n: s.to_dict() for n, s in r.tasks.items()},
+                       "degradation_pct": interval(r.degradation),
+                       "degradation_tasks": r.degradation_tasks,
+                       "kl": None if r.kl is None else vars(r.kl),
+                       "seconds": r.seconds}
+                for name, r in self.schemes.items()
+            },
+            "metrics": self.metrics(),
+            "diagnostics": None if self.diagnostics is None else self.diagnostics.summary(),
+        }
+
+
+# ============================================================================ evaluate
+
+
+def _say(progress: Progress, msg: str) -> None:
+    if progress is not None:
+        progress(msg)
+
+
+def evaluate(model: nn.Module, tasks: Sequence[Task], schemes: Sequence[str] = (), *, tokenizer: Any = None,
+             kl_batches: Optional[Sequence[torch.Tensor]] = None, batch_size: int = 16, policy: Any = None,
+             bootstrap_samples: int = 1000, confidence: float = 0.95, seed: int = 0,
+             quantizer: Optional[Quantizer] = None, diagnostics: bool = False,
+             diagnostic_batches: Optional[Sequence[torch.Tensor]] = None, progress: Progress = None) -> EvalResult:
+    """Score `model` (FP) and a quantized copy per scheme on `tasks`; see the module docstring.
+
+    `kl_batches`: held-out token tensors (B, T) for KL(FP || Q) and top-1 agreement.
+    `quantizer`: (model, scheme) -> quantized copy; defaults to rayq.kernels on a deep copy.
+    """
+    t0 = time.perf_counter()
+    if tasks and tokenizer is None:
+        raise ValueError("evaluate: a tokenizer is needed to score tasks")
+    if quantizer is None:
+        check_schemes(schemes)
+    quantizer = quantizer or default_quantizer(kl_batches[:2] if kl_batches else None)
+    max_len = model_max_len(model)
+    tok = as_tokenizer(tokenizer) if tokenizer is not None else None
+    encoded = {t.name: encode_task(t, tok, max_len) for t in tasks}
+    fp = {}
+    for t in tasks:
+        _say(progress, f"eval: {t.name} ({len(t)} items) [fp]")
+        fp[t.name] = score_task(model, t, batch_size=batch_size, policy=policy, progress=progress,
+                                label=f"{t.name} [fp]", encoded=encoded[t.name])
+    results = {}
+    for scheme in schemes:
+        ts = time.perf_counter()
+        _say(progress, f"eval: quantizing a copy with {scheme}")
+        qmodel = quantizer(model, scheme)
+        try:
+            qs = {}
+            for t in tasks:
+                _say(progress, f"eval: {t.name} ({len(t)} items) [{scheme}]")
+                qs[t.name] = score_task(qmodel, t, batch_size=batch_size, policy=policy, progress=progress,
+                                        label=f"{t.name} [{scheme}]", encoded=encoded[t.name])
+            kl = None
+            if kl_batches:
+                _say(progress, f"eval: KL(FP||Q) on {sum(b.numel() for b in kl_batches)} held-out tokens [{scheme}]")
+                kl = deg.kl_agreement(model, {scheme: qmodel}, kl_batches, policy=policy)[scheme]
+        finally:
+            del qmodel
+        # the paper's metric is undefined for a task the FP model scores 0 on (early checkpoints)
+        usable = [t.name for t in tasks if t.is_accuracy and fp[t.name].score > 0]
+        interval = None
+        if usable:
+            interval = deg.paired_bootstrap({n: fp[n].per_item[fp[n].primary] for n in usable},
+                                            {n: qs[n].per_item[qs[n].primary] for n in usable},
+                                            samples=bootstrap_samples, confidence=confidence, seed=seed)
+        results[scheme] = SchemeResult(scheme, qs, interval, usable, kl, time.perf_counter() - ts)
+    diag = None
+    if diagnostics:
+        batches = diagnostic_batches if diagnostic_batches is not None else (kl_batches[:2] if kl_batches else None)
+        if not batches:
+            raise ValueError("evaluate: diagnostics need held-out batches")
+        _say(progress, "eval: diagnostics")
+        diag = diag_mod.analyze(model, batches, policy=policy)
+    return EvalResult(fp, results, confidence, diag, time.perf_counter() - t0,
+                      meta={"tasks": {t.name: t.source for t in tasks}, "schemes": list(schemes)})
+
+
+# ============================================================================ the train loop's hook
+
+
+@dataclass
+class EvalInputs:
+    """What evaluation needs from the prepared data, gathered once."""
+
+    tasks: list[Task]
+    tokenizer: Any
+    kl_batches: list[torch.Tensor]
+
+
+def eval_inputs(cfg: Any, data: Any = None, *, tokenizer: Any = None, heldout_texts: Optional[Mapping[str, str]] = None,
+                heldout_tokens: Any = None, task_seed: int = 0) -> EvalInputs:
+    """Tasks and held-out KL batches of `cfg.eval`, from a `rayq.data.PreparedData` or explicit parts.
+
+    `task_seed` is fixed (not the training seed) so every trial and seed is judged on the same items.
+    """
+    e = cfg.eval
+    if data is not None:
+        tokenizer = tokenizer if tokenizer is not None else data.tokenizer()
+        if heldout_texts is None:
+            heldout_texts = data.heldout_texts()
+        if heldout_tokens is None:
+            heldout_tokens = data.tokens("heldout")
+    if tokenizer is None:
+        raise UserError("evaluation needs a tokenizer (prepared data or --tokenizer)")
+    tasks = load_tasks(e.tasks, e.task_paths, heldout_texts=heldout_texts, size=e.task_size, seed=task_seed)
+    if heldout_tokens is None and heldout_texts:
+        tok = as_tokenizer(tokenizer)
+        heldout_tokens = [i for _, text in sorted(heldout_texts.items()) for i in tok.encode(text)]
+    batches = []
+    if heldout_tokens is not None and len(heldout_tokens) >= cfg.model.seq_len:
+        batches = deg.token_batches(heldout_tokens, e.kl_tokens, cfg.model.seq_len, e.batch_size)
+    return EvalInputs(tasks, tokenizer, batches)
+
+
+EvalHook = Callable[[nn.Module, int, Any], dict]
+
+
+def make_eval_hook(cfg: Any, data: Any = None, *, inputs: Optional[EvalInputs] = None,
+                   quantizer: Optional[Quantizer] = None, progress: Progress = None, **parts: Any) -> EvalHook:
+    """The train loop's `evaluator(model, step, policy) -> {metric: float}` for `cfg.eval`.
+
+    Tasks are built and tokenized once here, not at every eval step. The hook scores the model it
+    is given in eval mode (its train/eval state is restored) and quantizes deep copies only.
+    """
+    inputs = inputs or eval_inputs(cfg, data, **parts)
+    if quantizer is None:
+        check_schemes(cfg.eval.schemes)
+    e = cfg.eval
+
+    def hook(model: nn.Module, step: int, policy: Any = None) -> dict:
+        result = evaluate(model, inputs.tasks, e.schemes, tokenizer=inputs.tokenizer, kl_batches=inputs.kl_batches,
+                          batch_size=e.batch_size, policy=policy, bootstrap_samples=e.bootstrap_samples,
+                          confidence=e.confidence, seed=0, quantizer=quantizer, diagnostics=e.diagnostics,
+                          progress=progress)
+        metrics = result.metrics()
+        metrics["eval/seconds"] = float(result.seconds)
+        return metrics
+
+    hook.inputs = inputs  # type: ignore[attr-defined]
+    return hook
