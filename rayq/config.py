@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import tempfile
 import typing
 from importlib import resources
@@ -25,6 +26,7 @@ from rayq.errors import ConfigError, UserError
 from rayq.schema import Config
 
 PRESET_PACKAGE = "rayq.presets"
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 _BASE_KEY = "base"  # a preset or file may start from another preset: `base: tiny`
 
 
@@ -84,6 +86,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.match(value.strip()):  # YAML 1.1 reads 1e-3 as a string
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -211,7 +211,3 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     name: str = "run"  # a label for the run or search
-
-    def __post_init__(self) -> None:
-        for m in self.search.milestones:
-            _check(m <= self.recipe.steps, f"search.milestones: {m} is beyond recipe.steps={self.recipe.steps}")

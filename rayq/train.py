@@ -276,6 +276,10 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
             if math.isfinite(loss_value):
                 optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "xla":  # cut the lazy graph once per step (static shapes: compiled once)
+            import torch_xla
+
+            torch_xla.sync()
         step += 1
         skipped += int(step_skipped)
         consecutive_skips = consecutive_skips + 1 if step_skipped else 0

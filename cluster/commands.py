@@ -1,0 +1,135 @@
+"""`rayq train` (in-process, or on Ray Train workers) and `rayq plan`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rayq import config as config_io
+from rayq.errors import UserError
+from rayq.schema import Config
+
+
+def _read_mapping(path: str, what: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: {what} file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{p}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: expected a YAML mapping in the {what} file")
+    return data
+
+
+def recipe_values(path: str) -> dict:
+    """Dotted values from an exported recipe file (its `recipe:` section)."""
+    data = _read_mapping(path, "recipe")
+    if not isinstance(data.get("recipe"), dict):
+        raise UserError(f"{path}: expected a 'recipe:' section (as written by rayq export)")
+    return {f"recipe.{k}": v for k, v in data["recipe"].items()}
+
+
+def cluster_values(path: str) -> dict:
+    """Dotted values from a cluster file: a `cluster:` section (or `rayq:` block of a launcher file)."""
+    data = _read_mapping(path, "cluster")
+    section = data.get("cluster")
+    if section is None and isinstance(data.get("rayq"), dict):  # Ray launcher files carry a rayq: block
+        section = data["rayq"].get("cluster")
+    if not isinstance(section, dict):
+        raise UserError(f"{path}: expected a 'cluster:' section (or rayq: {{cluster: ...}} in a launcher file)")
+    return {f"cluster.{k}": v for k, v in section.items()}
+
+
+def add_launch_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", help="an exported recipe YAML (rayq export) applied on top of the preset")
+    parser.add_argument("--cluster", help="a cluster file (cluster/configs/...) with a cluster: section")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (0 = in-process without Ray)")
+    parser.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+
+
+def resolve_launch(args: argparse.Namespace) -> Config:
+    """Preset/file < recipe file < cluster file < --set < explicit flags."""
+    from rayq.commands import config_from_args
+
+    values: dict = {}
+    if args.recipe:
+        values.update(recipe_values(args.recipe))
+    if args.cluster:
+        values.update(cluster_values(args.cluster))
+    cfg = config_from_args(args, values_before_overrides=values)
+    flags = {}
+    if args.workers is not None:
+        flags["cluster.workers"] = args.workers
+    if args.address:
+        flags["cluster.address"] = args.address
+    if getattr(args, "steps", None) is not None:
+        flags["recipe.steps"] = args.steps
+    return config_io.with_values(cfg, flags) if flags else cfg
+
+
+def _check_run_dir(out: Path, cfg: Config) -> None:
+    """Rerunning into a run directory resumes it, but only with the same config."""
+    saved = out / "config.yaml"
+    if saved.exists():
+        previous = config_io.resolve(config_file=saved)
+        if config_io.config_hash(previous) != config_io.config_hash(cfg):
+            raise UserError(f"{out}: holds a run of a different config; use a new --out "
+                            f"(or --config {saved} to resume it)")
+
+
+def train(argv: list[str]) -> int:
+    from rayq.commands import add_config_args
+
+    parser = argparse.ArgumentParser(prog="rayq train", description="Train a recipe into a run directory "
+                                     "(config.yaml, metrics.jsonl, checkpoints/step_N/). Rerunning resumes.")
+    add_config_args(parser)
+    add_launch_args(parser)
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--steps", type=int, help="override recipe.steps")
+    parser.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the INT8 evaluator (tasks, KL, degradation) at eval steps")
+    parser.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    args = parser.parse_args(argv)
+    cfg = resolve_launch(args)
+    out = Path(args.out)
+    _check_run_dir(out, cfg)
+
+    from rayq.allocator import keep_pages
+
+    keep_pages()
+    if cfg.cluster.workers == 0:
+        metrics = _train_in_process(cfg, out, evaluate=args.evaluate)
+    else:
+        from rayq.cluster.trainer import fit
+
+        metrics = fit(cfg, out, evaluate=args.evaluate)
+    if args.json:
+        print(json.dumps(metrics, default=float))
+    else:
+        loss = metrics.get("train/loss")
+        print(f"trained {cfg.name} to step {metrics.get('step')} in {out}"
+              + (f" (train/loss {loss:.4f}, eval/loss {metrics.get('eval/loss', float('nan')):.4f})" if loss else ""))
+    return 0
+
+
+def _train_in_process(cfg: Config, out: Path, *, evaluate: bool) -> dict:
+    from rayq import data as data_io
+    from rayq import train as train_loop
+
+    data = data_io.prepare(cfg)
+    evaluator = None
+    if evaluate:
+        from rayq.eval import make_eval_hook
+
+        evaluator = make_eval_hook(cfg, data)
+    result = train_loop.run(cfg, train_loop.LocalReporter(out, cfg), data=data, evaluator=evaluator)
+    if result.diverged:
+        print(f"rayq train: diverged at step {result.step} (non-finite loss); last good checkpoint: "
+              f"{result.checkpoint}", file=sys.stderr)
+    return result.last_metrics

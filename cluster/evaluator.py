@@ -1,0 +1,49 @@
+"""Evaluation on hardware of its own: a Ray task per checkpoint with `cluster.evaluator_resources`.
+
+The paper trained on TPUs and evaluated INT8 on GPUs; here that is `eval.placement: actor`
+plus evaluator resources (e.g. `{GPU: 1}` or a custom `evaluator: 1` resource owned by one node).
+The task loads the checkpoint from storage, rebuilds the model and runs the same eval hook the
+train workers would have run, so both placements report the same metric names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rayq import config as config_io
+from rayq.schema import Config
+
+
+def _evaluate_one(cfg_dict: dict, checkpoint: Any) -> dict:
+    import socket
+
+    import torch
+
+    from rayq import checkpoint as ckpt_io
+    from rayq import data as data_io
+    from rayq.allocator import keep_pages
+    from rayq.eval import make_eval_hook
+    from rayq.precision import PrecisionPolicy
+    from rayq.train import build_model
+
+    keep_pages()
+    cfg = config_io.build(Config, cfg_dict)
+    state = ckpt_io.load(checkpoint.to_directory(), with_optimizer=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg, device)
+    model.load_state_dict(state["model"])
+    policy = PrecisionPolicy.from_recipe(cfg.recipe, device.type)
+    hook = make_eval_hook(cfg, data_io.prepare(cfg))
+    metrics = hook(model, int(state["trainer"]["step"]), policy)
+    metrics["eval/node"] = socket.gethostname()
+    return metrics
+
+
+def evaluate_checkpoints(cfg: Config, checkpoints: list) -> list[dict]:
+    """Evaluate Ray Train checkpoints in parallel tasks placed by `cluster.evaluator_resources`."""
+    import ray
+
+    res = dict(cfg.cluster.evaluator_resources)
+    options: dict[str, Any] = {"num_cpus": res.pop("CPU", 1), "num_gpus": res.pop("GPU", 0), "resources": res}
+    task = ray.remote(_evaluate_one).options(**options)
+    return ray.get([task.remote(config_io.to_dict(cfg), ck) for ck in checkpoints])

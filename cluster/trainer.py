@@ -1,0 +1,148 @@
+"""The Ray glue for training: a TorchTrainer (Ray Train V2) whose workers call `rayq.train.run`.
+
+Nothing here trains: the workers run the same loop as a local run, with a reporter that forwards
+to `ray.train.report`. Checkpoints become Ray Train checkpoints named `step_N` under
+`<storage>/checkpoints/`, so a run directory looks the same with or without Ray, and Ray's
+automatic resume (same storage path + name) and `FailureConfig` restarts bring the loop back
+through `ray.train.get_checkpoint()`. A controller-side callback appends every report to
+`metrics.jsonl` in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from rayq import config as config_io
+from rayq.errors import UserError
+from rayq.schema import Config
+
+CHECKPOINTS = "checkpoints"  # Ray Train run name: checkpoints land in <storage>/checkpoints/step_N
+
+
+def connect(address: Optional[str], *, num_cpus: Optional[float] = None, quiet: bool = True) -> None:
+    """Join a cluster at `address`, or start an embedded local Ray (the laptop default)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs: dict[str, Any] = {"log_to_driver": not quiet, "include_dashboard": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # workers import rayq from this checkout/venv; keep the local cluster on loopback
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+class RayTrainReporter:
+    """The train loop's reporter inside a Ray Train worker."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self._restored: Optional[str] = None
+
+    def new_checkpoint_dir(self, step: int) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"rayq-step_{step}-"))
+
+    def report(self, metrics: dict, checkpoint: Optional[Path] = None) -> Optional[Path]:
+        import ray.train
+
+        ckpt = None
+        if checkpoint is not None and self.rank == 0:
+            ckpt = ray.train.Checkpoint.from_directory(str(checkpoint))
+        # every rank reports (it is a barrier); only rank 0's metrics and files are kept
+        ray.train.report(metrics, checkpoint=ckpt,
+                         checkpoint_dir_name=f"step_{metrics['step']}" if checkpoint is not None else None)
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint, ignore_errors=True)  # uploaded synchronously by report()
+        return None
+
+    def restore(self) -> Optional[Path]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        self._restored = ckpt.to_directory()  # a local copy, whatever the storage
+        return Path(self._restored)
+
+
+def train_worker(loop_config: dict) -> None:
+    """The per-worker function of the TorchTrainer: rebuild the config, run the one loop."""
+    from rayq import data as data_io
+    from rayq import train
+    from rayq.cluster import backends
+
+    cfg = config_io.build(Config, loop_config["config"])
+    device = backends.setup_worker(cfg.cluster)
+    data = data_io.prepare(cfg)  # cached by content hash: a lookup after the driver prepared it
+    evaluator = None
+    if loop_config.get("evaluate"):
+        from rayq.eval import make_eval_hook
+
+        evaluator = make_eval_hook(cfg, data)
+    train.run(cfg, RayTrainReporter(), data=data, evaluator=evaluator, device=device)
+
+
+def _metrics_callback(run_dir: str) -> Any:
+    from ray.train import UserCallback
+
+    class MetricsLog(UserCallback):
+        """Append rank 0's metrics of every report to <run_dir>/metrics.jsonl (controller side)."""
+
+        def after_report(self, run_context, metrics, checkpoint):  # noqa: D401 - Ray's hook name
+            row = dict(metrics[0])
+            if checkpoint is not None:
+                row["checkpoint_path"] = checkpoint.path
+            with open(Path(run_dir) / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(row, default=float) + "\n")
+
+    return MetricsLog()
+
+
+def build_trainer(cfg: Config, *, storage: str, name: str = CHECKPOINTS, evaluate: bool = False,
+                  callbacks: Optional[list] = None) -> Any:
+    """A TorchTrainer running `cfg` on `cfg.cluster.workers` workers, resuming from storage/name."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from rayq.cluster import backends
+
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config_io.to_dict(cfg), "evaluate": evaluate},
+        torch_config=backends.torch_config(cfg.cluster),
+        scaling_config=backends.scaling_config(cfg.cluster),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def fit(cfg: Config, run_dir: str | Path, *, evaluate: bool = False) -> dict:
+    """`rayq train --workers N`: run `cfg` on Ray Train into `run_dir`; returns the last metrics."""
+    run_dir = Path(run_dir).resolve()
+    storage = cfg.cluster.storage or str(run_dir)
+    if "://" in storage:
+        raise UserError(f"cluster.storage={storage}: rayq train writes its run directory locally; "
+                        "remote storage is for rayq search (use a local path or leave it null)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_io.save(cfg, run_dir / "config.yaml")
+    connect(cfg.cluster.address)
+    trainer = build_trainer(cfg, storage=storage, evaluate=evaluate, callbacks=[_metrics_callback(str(run_dir))])
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return dict(result.metrics or {})
