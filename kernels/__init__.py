@@ -1,1 +1,73 @@
+"""rayq.kernels: INT8 quantization that really computes in integers (imports torch only).
 
+    from rayq.kernels import quantize_, W8A8Vectorwise
+    quantize_(model, W8A8Vectorwise())          # block linears -> INT8 x INT8 -> INT32 GEMMs
+    quantize_(model, "w4-colwise", inplace=False)
+
+Schemes are frozen config objects with stable CLI names (`list_schemes()`, `rayq ls quant`);
+each module computes on the device's integer kernel (CPU/CUDA `torch._int_mm`, XLA int8 dot)
+and can switch to the fp64 reference path (`set_backend(model, "reference")`) that every fast
+path is tested against. `rayq bench int8` (rayq.kernels.bench) measures the speed.
+"""
+
+from .gemm import MAX_K_S8, MAX_K_U8, int8_mm, int_mm_reference, set_cpu_kernel
+from .quantize import (
+    QuantEmbedding,
+    QuantLinear,
+    QuantModule,
+    W4Linear,
+    W8A8GroupLinear,
+    W8A8Linear,
+    load_quantized,
+    quantize_,
+    quantized_modules,
+    quantized_state_dict,
+    register_handler,
+    save_quantized,
+    select_layers,
+    set_backend,
+)
+from .schemes import (
+    Scheme,
+    SchemeError,
+    W4Colwise,
+    W8A8Groupwise,
+    W8A8PerTensor,
+    W8A8SmoothQuant,
+    W8A8Vectorwise,
+    list_schemes,
+    register_scheme,
+    scheme_from_name,
+)
+
+__all__ = [
+    "MAX_K_S8",
+    "MAX_K_U8",
+    "QuantEmbedding",
+    "QuantLinear",
+    "QuantModule",
+    "Scheme",
+    "SchemeError",
+    "W4Colwise",
+    "W4Linear",
+    "W8A8GroupLinear",
+    "W8A8Groupwise",
+    "W8A8Linear",
+    "W8A8PerTensor",
+    "W8A8SmoothQuant",
+    "W8A8Vectorwise",
+    "int8_mm",
+    "int_mm_reference",
+    "list_schemes",
+    "load_quantized",
+    "quantize_",
+    "quantized_modules",
+    "quantized_state_dict",
+    "register_handler",
+    "register_scheme",
+    "save_quantized",
+    "scheme_from_name",
+    "select_layers",
+    "set_backend",
+    "set_cpu_kernel",
+]

@@ -1,0 +1,311 @@
+"""INT8 GEMM per device, the quantize/dequantize arithmetic around it, and the fp64 reference.
+
+Layout: a quantized weight is stored like `nn.Linear.weight`, int8 [N, K] (one row per output
+channel); the GEMM computes X_q [M, K] @ W_q^T -> [M, N]. `torch._int_mm` takes the transposed
+view without a copy (measured here: no faster with a [K, N] contiguous copy, which would double
+the stored bytes).
+
+Devices
+- cpu: `torch._int_mm` (oneDNN s8 x s8 -> s32, VNNI), exact for any shape since torch 2.6.
+  Optionally the u8 x s8 form: X_u8 = X_s8 + 128 (a byte XOR 0x80), and
+  X_s8 W = X_u8 W - 128 * colsum(W). VNNI's instruction is u8 x s8, so the s8 x s8 GEMM pays
+  the same compensation internally; `rayq bench int8` measures both (kernel="u8s8").
+- cuda: `torch._int_mm` needs M > 16 and K, N multiples of 8 (K >= 16): we zero-pad, never fail.
+- xla: `torch_xla._XLAC._xla_dot_general(..., preferred_element_type=torch.int32)`, an XLA
+  DotGeneral of int8 operands with int32 accumulation (what torch-xla's own
+  `quantized_matmul(quantize_activation=True)` emits); if that binding is absent, an int32 matmul
+  (exact, wider operands).
+- anything else: fp64 matmul of the integer codes (exact while |acc| < 2^53, always true here).
+
+INT32 overflow: |acc| <= 127 * 127 * K < 2^31 for K <= 133,143 (s8 x s8); the u8 form reaches
+255 * 127 * K and is exact for K <= 66,311. Larger K is split into chunks summed in int64.
+
+Activations: per-token absmax; an all-zero row gets the epsilon absmax `EPS_ABSMAX`
+(bitsandbytes divides by zero there and returns NaN), so its codes and output are exactly 0 (+bias).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+QMAX8 = 127  # symmetric INT8: codes in [-127, 127]; -128 unused so that -q is always representable
+QMAX4 = 7  # symmetric INT4: codes in [-7, 7]
+MAX_K_S8 = (2**31 - 1) // (127 * 127)  # 133,143: largest K whose s8 x s8 accumulator cannot overflow
+MAX_K_U8 = (2**31 - 1) // (255 * 127)  # 66,311 for the u8 x s8 form
+# absmax floor: keeps 127 / absmax finite in fp32 (an all-zero row quantizes to zeros, not NaN)
+EPS_ABSMAX = 1e-12
+
+_KERNELS = ("s8s8", "u8s8")
+_default_kernel = {"cpu": "s8s8"}
+
+
+def set_cpu_kernel(kernel: str) -> None:
+    """Choose the CPU integer GEMM form ("s8s8" or "u8s8"); the bench measures both."""
+    if kernel not in _KERNELS:
+        raise ValueError(f"cpu kernel must be one of {_KERNELS}, got {kernel!r}")
+    _default_kernel["cpu"] = kernel
+
+
+def cpu_kernel() -> str:
+    return _default_kernel["cpu"]
+
+
+# --------------------------------------------------------------------------- integer GEMM
+
+
+def _ceil_to(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def _cpu_int_mm(a: Tensor, w: Tensor, kernel: str, colsum: Optional[Tensor]) -> Tensor:
+    if kernel == "u8s8":
+        # +128 is a flip of the sign bit of the byte; the 128 * colsum(W) term is subtracted here
+        # (the compiled linear folds it into its dequant epilogue instead, see `w8a8_core`).
+        acc = torch._int_mm(a.view(torch.uint8) ^ 128, w.t())
+        cs = colsum if colsum is not None else w.sum(1, dtype=torch.int32)
+        return acc.sub_(cs * 128)
+    return torch._int_mm(a, w.t())
+
+
+def _cuda_int_mm(a: Tensor, w: Tensor) -> Tensor:
+    M, K = a.shape
+    N = w.shape[0]
+    Mp, Kp, Np = max(M, 17), max(_ceil_to(K, 8), 16), max(_ceil_to(N, 8), 8)
+    if (Mp, Kp, Np) != (M, K, N):  # zero rows/columns add nothing to the dot products
+        a = F.pad(a, (0, Kp - K, 0, Mp - M))
+        w = F.pad(w, (0, Kp - K, 0, Np - N))
+    acc = torch._int_mm(a, w.t())
+    return acc[:M, :N] if (Mp, Np) != (M, N) else acc
+
+
+def _xla_int_mm(a: Tensor, w: Tensor) -> Tensor:
+    try:
+        import torch_xla  # noqa: F401  (only present in the xla lane's venv)
+
+        dot_general = torch_xla._XLAC._xla_dot_general
+    except (ImportError, AttributeError):
+        dot_general = None
+    if dot_general is not None:
+        # contract dim 1 of a [M, K] with dim 1 of w [N, K]; no batch dims -> [M, N] int32
+        return dot_general(a, w, (([1], [1]), ()), preferred_element_type=torch.int32)
+    return torch.matmul(a.to(torch.int32), w.t().to(torch.int32))
+
+
+def int8_mm(a: Tensor, w: Tensor, *, kernel: Optional[str] = None, colsum: Optional[Tensor] = None) -> Tensor:
+    """Exact X_q @ W_q^T for int8 a [M, K] and int8 w [N, K] -> int32 [M, N] (int64 past the
+    overflow bound). Dispatches on the device type of `a`."""
+    if a.dtype != torch.int8 or w.dtype != torch.int8:
+        raise TypeError(f"int8_mm expects int8 operands, got {a.dtype} and {w.dtype}")
+    if a.dim() != 2 or w.dim() != 2 or a.shape[1] != w.shape[1]:
+        raise ValueError(f"int8_mm: shapes {tuple(a.shape)} and {tuple(w.shape)} do not contract over K")
+    M, K = a.shape
+    N = w.shape[0]
+    if M == 0 or N == 0 or K == 0:
+        return torch.zeros(M, N, dtype=torch.int32, device=a.device)
+    device = a.device.type
+    kernel = kernel or (_default_kernel["cpu"] if device == "cpu" else "s8s8")
+    limit = MAX_K_U8 if kernel == "u8s8" else MAX_K_S8
+    if K > limit:  # split K; partial sums are exact in int32, their sum in int64
+        step = limit // 64 * 64
+        return sum(int8_mm(a[:, i : i + step], w[:, i : i + step], kernel=kernel).to(torch.int64) for i in range(0, K, step))
+    if device == "cpu":
+        return _cpu_int_mm(a, w, kernel, colsum)
+    if device == "cuda":
+        return _cuda_int_mm(a, w)
+    if device == "xla":
+        return _xla_int_mm(a, w)
+    acc = a.to(torch.float64) @ w.to(torch.float64).t()
+    return acc.to(torch.int64)
+
+
+def int_mm_reference(a: Tensor, w: Tensor) -> Tensor:
+    """int64 X @ W^T on CPU: the bit-exact yardstick for every integer GEMM path."""
+    return a.cpu().to(torch.int64) @ w.cpu().to(torch.int64).t()
+
+
+# --------------------------------------------------------------------------- quantizers
+
+
+def absmax_rows(x: Tensor) -> Tensor:
+    """max |x| per row as [M, 1] fp32, floored at EPS_ABSMAX; NaN/inf propagate (checked later)."""
+    return torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True, dtype=torch.float32).clamp_min(EPS_ABSMAX)
+
+
+def quantize_symmetric(x: Tensor, absmax: Tensor, qmax: int = QMAX8, dtype: torch.dtype = torch.int8) -> Tensor:
+    """round(x * qmax / absmax) clamped to [-qmax, qmax] (the clamp matters for static scales)."""
+    return torch.round(x * (qmax / absmax)).clamp_(-qmax, qmax).to(dtype)
+
+
+def quantize_weight(w: Tensor, qmax: int = QMAX8, per: str = "channel") -> tuple[Tensor, Tensor]:
+    """Weight [N, K] -> (int8 codes [N, K], fp32 scale): per="channel" gives scale [N], per="tensor"
+    a [1] scale. Computed in fp64 so that the codes do not depend on the caller's dtype."""
+    w64 = w.detach().to(torch.float64)
+    if per == "channel":
+        absmax = w64.abs().amax(dim=1).clamp_min(EPS_ABSMAX)
+    elif per == "tensor":
+        absmax = w64.abs().amax().clamp_min(EPS_ABSMAX).reshape(1)
+    else:
+        raise ValueError(f"per must be 'channel' or 'tensor', got {per!r}")
+    scale = (absmax / qmax).to(torch.float32)
+    codes = torch.round(w64 / scale.to(torch.float64).unsqueeze(-1 if per == "channel" else 0)).clamp_(-qmax, qmax)
+    return codes.to(torch.int8), scale
+
+
+def quantize_weight_groups(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Weight [N, K] -> (int8 codes [N, K], fp32 scales [N, K // group_size])."""
+    N, K = w.shape
+    g = w.detach().to(torch.float64).reshape(N, K // group_size, group_size)
+    scale = (g.abs().amax(dim=2).clamp_min(EPS_ABSMAX) / QMAX8).to(torch.float32)
+    codes = torch.round(g / scale.to(torch.float64).unsqueeze(-1)).clamp_(-QMAX8, QMAX8)
+    return codes.reshape(N, K).to(torch.int8), scale
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """int8 codes in [-8, 7], shape [N, K] -> uint8 [N, ceil(K / 2)]: element 2j in the low
+    nibble, 2j+1 in the high nibble (two's complement nibbles; odd K padded with a zero)."""
+    N, K = codes.shape
+    if K % 2:
+        codes = F.pad(codes, (0, 1))
+    u = codes.to(torch.uint8) & 0x0F
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor, K: int) -> Tensor:
+    """Inverse of pack_int4 -> int8 codes [N, K]."""
+    low = (packed & 0x0F).to(torch.int8)
+    high = (packed >> 4).to(torch.int8)
+    both = torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)[:, :K]
+    return (both ^ 8) - 8  # sign-extend a 4-bit two's complement value
+
+
+# --------------------------------------------------------------------------- W8A8 linear
+
+
+def w8a8_core(
+    x: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    bias: Optional[Tensor],
+    in_scale: Optional[Tensor],
+    act_absmax: Optional[Tensor],
+    per_tensor_act: bool,
+    comp: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """The fast W8A8 linear on fp32 x [M, K] -> (out fp32 [M, N], activation absmax).
+
+    in_scale: SmoothQuant's 1/s per input channel (multiplied in before quantizing), or None.
+    act_absmax: a static activation absmax (calibrated), or None for dynamic.
+    comp: 128 * colsum(W) as int32 [N] to use the u8 x s8 GEMM, or None for s8 x s8 (subtracted
+    in int32: the biased u8 accumulator can exceed 2^24, where fp32 would round it).
+    The absmax is returned so the caller can check it is finite (NaN/inf anywhere in a row makes
+    it so) without a separate pass over x. Pure tensor code: torch.compile fuses the quantize
+    into one pass and the dequant (+ compensation + bias) into one epilogue pass.
+    """
+    if in_scale is not None:
+        x = x * in_scale
+    if act_absmax is not None:
+        absmax = act_absmax.reshape(1, 1)
+    elif per_tensor_act:
+        absmax = torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32).clamp_min(EPS_ABSMAX).reshape(1, 1)
+    else:
+        absmax = absmax_rows(x)
+    xq = quantize_symmetric(x, absmax)
+    if comp is not None:
+        acc = torch._int_mm(xq.view(torch.uint8) ^ 128, qweight.t())
+        out = (acc - comp) * (absmax / QMAX8) * w_scale
+    else:
+        out = int8_mm(xq, qweight, kernel="s8s8") * (absmax / QMAX8) * w_scale
+    if bias is not None:
+        out = out + bias
+    return out, absmax
+
+
+_compiled: dict[str, object] = {}
+_compile_lock = threading.Lock()
+_compile_failed: list[str] = []
+
+
+def compiled_w8a8_core():
+    """`w8a8_core` under torch.compile (default mode; NEVER freezing=True: Inductor then rewrites
+    the pattern to a oneDNN int8 linear that runs its scalar reference kernel on CPUs without AMX,
+    ~1000x slower). One compiled function serves every layer (weights are arguments); Dynamo
+    marks the dimensions dynamic after the first recompile. Returns None if compile is broken."""
+    if _compile_failed:
+        return None
+    with _compile_lock:
+        if "w8a8" not in _compiled:
+            _compiled["w8a8"] = torch.compile(w8a8_core, fullgraph=True, dynamic=None)
+    return _compiled["w8a8"]
+
+
+def note_compile_failure(exc: BaseException) -> None:
+    if not _compile_failed:
+        warnings.warn(f"rayq.kernels: torch.compile failed ({type(exc).__name__}: {exc}); using eager kernels", RuntimeWarning, stacklevel=3)
+    _compile_failed.append(repr(exc))
+
+
+def w8a8_reference(
+    x: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    bias: Optional[Tensor],
+    in_scale: Optional[Tensor] = None,
+    act_absmax: Optional[Tensor] = None,
+    per_tensor_act: bool = False,
+) -> Tensor:
+    """The same math as `w8a8_core` in float64 on CPU: scales, rounding, the integer dot
+    products (exact in fp64 below 2^53) and the dequantization. Returns fp64 [M, N]."""
+    x = x.detach().cpu().to(torch.float64)
+    if in_scale is not None:
+        x = x * in_scale.cpu().to(torch.float64)
+    if act_absmax is not None:
+        absmax = act_absmax.cpu().to(torch.float64).reshape(1, 1)
+    elif per_tensor_act:
+        absmax = x.abs().amax().clamp_min(EPS_ABSMAX).reshape(1, 1)
+    else:
+        absmax = x.abs().amax(dim=1, keepdim=True).clamp_min(EPS_ABSMAX)
+    xq = torch.round(x * (QMAX8 / absmax)).clamp_(-QMAX8, QMAX8)
+    acc = xq @ qweight.cpu().to(torch.float64).t()
+    out = acc * (absmax / QMAX8) * w_scale.cpu().to(torch.float64)
+    if bias is not None:
+        out = out + bias.cpu().to(torch.float64)
+    return out
+
+
+def group_core(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], group_size: int) -> tuple[Tensor, Tensor]:
+    """Group-wise W8A8: per-token activation codes, one INT32 GEMM per K-group, each rescaled by
+    its [N] weight scales and summed in fp32, then the per-token scale and bias."""
+    absmax = absmax_rows(x)
+    xq = quantize_symmetric(x, absmax)
+    M, K = xq.shape
+    out = None
+    for gi, k0 in enumerate(range(0, K, group_size)):
+        acc = int8_mm(xq[:, k0 : k0 + group_size].contiguous(), qweight[:, k0 : k0 + group_size].contiguous())
+        part = acc * w_scale[:, gi]
+        out = part if out is None else out.add_(part)
+    out = out * (absmax / QMAX8)
+    if bias is not None:
+        out = out + bias
+    return out, absmax
+
+
+def group_reference(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], group_size: int) -> Tensor:
+    x = x.detach().cpu().to(torch.float64)
+    absmax = x.abs().amax(dim=1, keepdim=True).clamp_min(EPS_ABSMAX)
+    xq = torch.round(x * (QMAX8 / absmax)).clamp_(-QMAX8, QMAX8)
+    M, K = xq.shape
+    N = qweight.shape[0]
+    G = K // group_size
+    wq = qweight.cpu().to(torch.float64).reshape(N, G, group_size)
+    acc = torch.einsum("mgk,ngk->mgn", xq.reshape(M, G, group_size), wq)  # [M, G, N] exact integers
+    out = (acc * w_scale.cpu().to(torch.float64).t().unsqueeze(0)).sum(1) * (absmax / QMAX8)
+    if bias is not None:
+        out = out + bias.cpu().to(torch.float64)
+    return out
