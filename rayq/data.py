@@ -230,6 +230,7 @@ def _write_split(sp, docs: list[Document], out_dir: Path, shard_tokens: int, cap
         rows = {"doc": [], "chunk": [], "tokens": []}
         in_shard = 0
 
+    last_report = time.monotonic()
     batch = 64  # documents per encode call: SentencePiece encodes a list on several threads
     for start in range(0, len(docs), batch):
         group = docs[start : start + batch]
@@ -249,8 +250,10 @@ def _write_split(sp, docs: list[Document], out_dir: Path, shard_tokens: int, cap
                 total += len(piece)
                 if in_shard >= shard_tokens:
                     flush()
-        if progress is not None:
-            progress(f"  {out_dir.name}: {min(start + batch, len(docs))}/{len(docs)} documents, {total:,} tokens")
+        done = min(start + batch, len(docs))
+        if progress is not None and (time.monotonic() - last_report > 2 or done == len(docs)):
+            last_report = time.monotonic()  # throttled: a corpus of small documents has many batches
+            progress(f"  {out_dir.name}: {done:,}/{len(docs):,} documents, {total:,} tokens")
         if cap is not None and total >= cap:
             break
     flush()
@@ -458,6 +461,9 @@ def _build(cfg, key: str, docs, train_docs, heldout_docs, out: Path, say, t_docs
     model = train_tokenizer(train_docs, cfg.model.vocab_size, cfg.data.tokenizer, budget)
     (out / "tokenizer.model").write_bytes(model)
     sp = spm.SentencePieceProcessor(model_proto=model)
+    if sp.vocab_size() < cfg.model.vocab_size:
+        say(f"note: the corpus supports {sp.vocab_size():,} tokenizer pieces, fewer than model.vocab_size="
+            f"{cfg.model.vocab_size:,}; the extra embedding rows stay unused")
     times["tokenizer"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
