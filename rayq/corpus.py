@@ -231,7 +231,7 @@ def kjv_documents(deb: Path) -> list[Document]:
         raise UserError(f"{deb}: unexpected bible.data format {raw[:4]!r}")
     wsize, wnum = struct.unpack(">II", raw[84:92])
     table = struct.unpack(f">{wnum + 1}I", raw[92 : 92 + 4 * (wnum + 1)])
-    # Each window starts after a 3-byte compress header only for window 0 (the table says where).
+    # The window table already points past the 3-byte `compress` header (1f 9d 90) before window 0.
     text = b"".join(_lzw_decompress(raw[table[i] : table[i + 1]]) for i in range(wnum)).decode("latin-1")
     slug = {abbr: s for abbr, _, s in BOOKS}
     verses: dict[str, list[str]] = {}
