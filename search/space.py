@@ -34,6 +34,9 @@ __all__ = [
     "Param",
     "SearchSpace",
     "parse_space",
+    "validate_milestones",
+    "validate_search",
+    "ValidatedSearch",
     "leaf_paths",
     "paper_axes_grid",
     "paper_axes_variants",
@@ -42,6 +45,11 @@ __all__ = [
 ]
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+# `points`: an explicit list of grid points (whole recipes), for studies that are not a
+# cartesian product, like the paper's one-axis-at-a-time grid:
+#     search.space: {points: paper-axes}        or   {points: [{recipe.dropout: 0.1, ...}, ...]}
+POINTS = "points"
+TUNE_POINTS_KEY = "recipe_grid"  # the trial config key holding a point (search/tuner.py reads it)
 _RANGES = ("uniform", "loguniform", "randint")
 _SEARCHABLE_SECTIONS = ("recipe", "model", "data", "train", "eval", "cluster")  # never `search` itself
 
@@ -77,11 +85,19 @@ class Param:
 
     @property
     def discrete(self) -> bool:
-        return self.kind in ("choice", "grid")
+        return self.kind in ("choice", "grid", POINTS)
+
+    def options(self) -> list[dict[str, Any]]:
+        """The values of a discrete param as partial points {path: value}."""
+        if self.kind == POINTS:
+            return [dict(v) for v in self.values]
+        return [{self.path: v} for v in self.values]
 
     def tune_domain(self) -> Any:
         from ray import tune  # lazily: importing rayq.search must not import ray
 
+        if self.kind == POINTS:
+            return tune.grid_search([dict(v) for v in self.values])
         if self.kind == "choice":
             return tune.choice(list(self.values))
         if self.kind == "grid":
@@ -100,7 +116,7 @@ class SearchSpace:
 
     def to_tune(self) -> dict[str, Any]:
         """Ray Tune param space: {dotted path: tune domain} (imports ray)."""
-        return {p.path: p.tune_domain() for p in self.params}
+        return {(TUNE_POINTS_KEY if p.kind == POINTS else p.path): p.tune_domain() for p in self.params}
 
     def grid(self, cfg: Any = None) -> list[dict[str, Any]]:
         """Cartesian product of the `grid` and `choice` specs, in spec order (grid mode).
@@ -112,7 +128,12 @@ class SearchSpace:
             if not p.discrete:
                 raise UserError(f"search.space.{p.path}: {p.kind} cannot be enumerated in grid mode; "
                                 f"use {{grid: [...]}} or {{choice: [...]}}")
-        points = [dict(zip(self.paths, combo)) for combo in itertools.product(*(p.values for p in self.params))]
+        points = []
+        for combo in itertools.product(*(p.options() for p in self.params)):
+            point: dict[str, Any] = {}
+            for part in combo:
+                point.update(part)
+            points.append(point)
         if cfg is not None:
             for point in points:
                 _check_values(cfg, point, "search.space")
@@ -135,8 +156,36 @@ def _number(v: Any, where: str) -> float:
     return v
 
 
+def _parse_points(spec: Any, cfg: Any, known: list[str]) -> Param:
+    where = f"search.space.{POINTS}"
+    if spec == "paper-axes":
+        spec = paper_axes_grid()
+    if not isinstance(spec, (list, tuple)) or not spec:
+        raise UserError(f"{where}: expected 'paper-axes' or a non-empty list of {{dotted path: value}} points")
+    points: list[dict[str, Any]] = []
+    for i, point in enumerate(spec):
+        if not isinstance(point, Mapping) or not point:
+            raise UserError(f"{where}[{i}]: expected a mapping of dotted paths to values, got {point!r}")
+        for path in point:
+            _known_path(str(path), known, f"{where}[{i}].{path}")
+        if dict(point) in points:
+            raise UserError(f"{where}[{i}]: the same point is listed twice")
+        _check_values(cfg, point, f"{where}[{i}]")
+        points.append(dict(point))
+    return Param(POINTS, POINTS, tuple(points))
+
+
+def _known_path(path: str, known: list[str], where: str) -> None:
+    if path not in known:
+        close = difflib.get_close_matches(path, known, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"{where}: unknown config path{hint}")
+
+
 def _parse_param(path: str, spec: Any, cfg: Any, known: list[str]) -> Param:
     where = f"search.space.{path}"
+    if path == POINTS:
+        return _parse_points(spec, cfg, known)
     if path not in known:
         close = difflib.get_close_matches(path, known, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -192,7 +241,26 @@ def parse_space(space: Mapping[str, Any], cfg: Any = None) -> SearchSpace:
         raise UserError("search.space: empty; give at least one path, e.g. "
                         "recipe.weight_decay: {loguniform: [0.001, 0.1]}")
     known = leaf_paths()
-    return SearchSpace(tuple(_parse_param(str(path), spec, cfg, known) for path, spec in space.items()))
+    params = tuple(_parse_param(str(path), spec, cfg, known) for path, spec in space.items())
+    in_points = {k for p in params if p.kind == POINTS for v in p.values for k in v}
+    for p in params:
+        if p.kind != POINTS and p.path in in_points:
+            raise UserError(f"search.space.{p.path}: also set by search.space.{POINTS}; give it in one place")
+    return SearchSpace(params)
+
+
+def validate_milestones(cfg: Any, space: SearchSpace | None = None) -> None:
+    """Every milestone must fall within every trial's step budget (recipe.steps, maybe searched)."""
+    steps = [cfg.recipe.steps]
+    for p in space.params if space is not None else ():
+        if p.kind == POINTS:
+            steps += [v["recipe.steps"] for v in p.values if "recipe.steps" in v]
+        elif p.path == "recipe.steps":
+            steps = list(p.values) if p.discrete else [p.values[0]]
+    low = min(steps)
+    for m in cfg.search.milestones:
+        if m > low:
+            raise UserError(f"search.milestones: {m} is beyond the step budget recipe.steps={low}")
 
 
 # ----------------------------------------------------------------------------- the paper's study
@@ -285,3 +353,25 @@ def recipe_label(point: Mapping[str, Any]) -> str:
         parts.append(f"{short}{'none' if v is None else (f'{v:g}' if isinstance(v, float) else v)}")
     return "-".join(parts)
 
+
+
+@dataclass(frozen=True)
+class ValidatedSearch:
+    objectives: list
+    constraints: list
+    space: SearchSpace
+
+
+def validate_search(cfg: Any) -> ValidatedSearch:
+    """Everything `rayq search` checks before Ray starts: objectives and constraints against the
+    config's eval tasks and schemes, the space against the config, milestones against the steps."""
+    from rayq.search.objectives import parse_constraints, parse_objectives
+
+    tasks, schemes = list(cfg.eval.tasks), list(cfg.eval.schemes)
+    objectives = parse_objectives(list(cfg.search.objectives), tasks, schemes)
+    constraints = parse_constraints(list(cfg.search.constraints), tasks, schemes)
+    space = parse_space(cfg.search.space, cfg)
+    if cfg.search.searcher == "grid":
+        space.grid(cfg)
+    validate_milestones(cfg, space)
+    return ValidatedSearch(objectives, constraints, space)
