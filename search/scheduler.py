@@ -13,7 +13,8 @@ On every result, in this order:
    (milestones passed in one jump are recorded in order, each deciding). The recipes recorded at
    `m` so far are ranked by non-dominated sorting with the epsilon-net tie-break
    (`pareto.priority_order`), and the rule is Syne Tune's MOASHA rule, unchanged: with `n`
-   recipes at the rung and the recipe at 0-based position `p`, STOP iff `p / n > 1 / eta`;
+   recipes at the rung and the recipe at 0-based position `p` (exact ties share the best
+   position of the tied group), STOP iff `p / n > 1 / eta`;
    while the rung holds fewer than `min_rung_size` recipes (default 2, i.e. MOASHA: the first
    arrival always continues) nothing is stopped. Decisions are asynchronous: a recipe is judged
    against whoever reached the milestone before it and never revisited when better ones arrive
@@ -202,7 +203,10 @@ class MilestoneScheduler(FIFOScheduler):
         Y = means * np.array([o.direction.sign for o in self.objectives])
         i = recipes.index(rid)
         order = priority_order(Y, self.tie_break)
-        p, n = order.index(i), len(recipes)
+        # Exact ties share the best position among them (as MOASHA's searchsorted ranks do):
+        # identical results get identical decisions, whatever order they arrived in.
+        same = [k for k in range(len(recipes)) if np.all(np.isfinite(Y[i])) and np.array_equal(Y[k], Y[i])]
+        p, n = min(order.index(k) for k in same or [i]), len(recipes)
         front = int(nondominated_ranks(Y)[i])
         seeds = len(rung[rid])
         vals = ", ".join(f"{o.name}={v:.4g}" for o, v in zip(self.objectives, means[i]))
