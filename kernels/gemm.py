@@ -17,8 +17,10 @@ Devices
   (exact, wider operands).
 - anything else: fp64 matmul of the integer codes (exact while |acc| < 2^53, always true here).
 
-INT32 overflow: |acc| <= 127 * 127 * K < 2^31 for K <= 133,143 (s8 x s8); the u8 form reaches
-255 * 127 * K and is exact for K <= 66,311. Larger K is split into chunks summed in int64.
+INT32 overflow: with codes in [-127, 127], |acc| <= 127 * 127 * K <= 2^31 - 1 for K <= 133,144
+(s8 x s8); the u8 form reaches 255 * 127 * K, safe for K <= 66,311. `int8_mm` accepts any int8
+(-128 included), so it splits K conservatively at 128 * 128 * K (K <= 131,071) and
+255 * 128 * K (K <= 65,793) and sums the exact int32 partials in int64.
 
 Activations: per-token absmax; an all-zero row gets the epsilon absmax `EPS_ABSMAX`
 (bitsandbytes divides by zero there and returns NaN), so its codes and output are exactly 0 (+bias).
@@ -37,8 +39,10 @@ Tensor = torch.Tensor
 
 QMAX8 = 127  # symmetric INT8: codes in [-127, 127]; -128 unused so that -q is always representable
 QMAX4 = 7  # symmetric INT4: codes in [-7, 7]
-MAX_K_S8 = (2**31 - 1) // (127 * 127)  # 133,143: largest K whose s8 x s8 accumulator cannot overflow
+MAX_K_S8 = (2**31 - 1) // (127 * 127)  # 133,144: largest K whose s8 x s8 accumulator of [-127, 127] codes cannot overflow
 MAX_K_U8 = (2**31 - 1) // (255 * 127)  # 66,311 for the u8 x s8 form
+_SPLIT_K_S8 = (2**31 - 1) // (128 * 128)  # 131,071: any int8 operands, -128 included
+_SPLIT_K_U8 = (2**31 - 1) // (255 * 128)  # 65,793
 # absmax floor: keeps 127 / absmax finite in fp32 (an all-zero row quantizes to zeros, not NaN)
 EPS_ABSMAX = 1e-12
 
@@ -111,7 +115,7 @@ def int8_mm(a: Tensor, w: Tensor, *, kernel: Optional[str] = None, colsum: Optio
         return torch.zeros(M, N, dtype=torch.int32, device=a.device)
     device = a.device.type
     kernel = kernel or (_default_kernel["cpu"] if device == "cpu" else "s8s8")
-    limit = MAX_K_U8 if kernel == "u8s8" else MAX_K_S8
+    limit = _SPLIT_K_U8 if kernel == "u8s8" else _SPLIT_K_S8
     if K > limit:  # split K; partial sums are exact in int32, their sum in int64
         step = limit // 64 * 64
         return sum(int8_mm(a[:, i : i + step], w[:, i : i + step], kernel=kernel).to(torch.int64) for i in range(0, K, step))
@@ -205,7 +209,7 @@ def w8a8_core(
     comp: 128 * colsum(W) as int32 [N] to use the u8 x s8 GEMM, or None for s8 x s8 (subtracted
     in int32: the biased u8 accumulator can exceed 2^24, where fp32 would round it).
     The absmax is returned so the caller can check it is finite (NaN/inf anywhere in a row makes
-    it so) without a separate pass over x. Pure tensor code: torch.compile fuses the quantize
+    it so) without a separate pass over x (int8 conversion would silently turn NaN into a code). Pure tensor code: torch.compile fuses the quantize
     into one pass and the dequant (+ compensation + bias) into one epilogue pass.
     """
     if in_scale is not None:
@@ -224,7 +228,9 @@ def w8a8_core(
         out = int8_mm(xq, qweight, kernel="s8s8") * (absmax / QMAX8) * w_scale
     if bias is not None:
         out = out + bias
-    return out, absmax
+    # a static scale hides NaN/inf from the absmax, so take the (fusable) max |x| for the check
+    check = absmax if act_absmax is None else torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32)
+    return out, check
 
 
 _compiled: dict[str, object] = {}
