@@ -55,14 +55,13 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
 
 def resolve_launch(args: argparse.Namespace) -> Config:
     """Preset/file < recipe file < cluster file < --set < explicit flags."""
-    from rayq.commands import config_from_args
-
     values: dict = {}
     if args.recipe:
         values.update(recipe_values(args.recipe))
     if args.cluster:
         values.update(cluster_values(args.cluster))
-    cfg = config_from_args(args, values_before_overrides=values)
+    cfg = config_io.resolve(preset=args.preset, config_file=args.config, overrides=args.overrides,
+                            file_values=values)
     flags = {}
     if args.workers is not None:
         flags["cluster.workers"] = args.workers
@@ -84,10 +83,10 @@ def _check_run_dir(out: Path, cfg: Config) -> None:
 
 
 def train(argv: list[str]) -> int:
-    from rayq.commands import add_config_args
+    from rayq.commands import add_config_args, make_parser, parse_args
 
-    parser = argparse.ArgumentParser(prog="rayq train", description="Train a recipe into a run directory "
-                                     "(config.yaml, metrics.jsonl, checkpoints/step_N/). Rerunning resumes.")
+    parser = make_parser("rayq train", "Train a recipe into a run directory "
+                         "(config.yaml, metrics.jsonl, checkpoints/step_N/). Rerunning resumes.")
     add_config_args(parser)
     add_launch_args(parser)
     parser.add_argument("--out", required=True, help="run directory")
@@ -95,7 +94,9 @@ def train(argv: list[str]) -> int:
     parser.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                         help="run the INT8 evaluator (tasks, KL, degradation) at eval steps")
     parser.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
     cfg = resolve_launch(args)
     out = Path(args.out)
     _check_run_dir(out, cfg)

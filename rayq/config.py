@@ -218,16 +218,20 @@ def resolve(
     config_file: str | os.PathLike | None = None,
     overrides: Iterable[str] = (),
     values: Mapping[str, Any] | None = None,
+    file_values: Mapping[str, Any] | None = None,
 ) -> Config:
-    """The one way to a `Config`: defaults < preset < file < `--set` overrides < `values`.
+    """The one way to a `Config`: defaults < preset < file < `file_values` < `--set` < `values`.
 
-    `values` maps dotted paths to already-typed values (trial values of a search).
+    `values` maps dotted paths to already-typed values (trial values of a search);
+    `file_values` are dotted values read from side files (an exported recipe, a cluster file).
     """
     tree: dict = {}
     if preset is not None:
         tree = _merge(tree, preset_tree(preset))
     if config_file is not None:
         tree = _merge(tree, file_tree(config_file))
+    for key, value in (file_values or {}).items():
+        set_dotted(tree, key, value)
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(tree, key, value)

@@ -206,6 +206,7 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
 
     step, skipped, consecutive_skips = 0, 0, 0
     resume = reporter.restore()
+    resumed_from = 0  # the step this process resumed from (0: a fresh start), reported with every log
     if resume is not None:
         state = ckpt_io.load(resume)
         model.load_state_dict(state["model"])
@@ -213,6 +214,7 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
             optimizer.load_state_dict(state["optim"])
         t = state["trainer"]
         step, skipped = int(t["step"]), int(t.get("skipped_steps", 0))
+        resumed_from = step
         if scaler is not None and t.get("scaler"):
             scaler.load_state_dict(t["scaler"])
         batches.load_state_dict(t["data"])
@@ -298,11 +300,11 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
         is_eval = step == last_step or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
         is_ckpt = step == last_step or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
         if step % cfg.train.log_every == 0 or is_eval or is_ckpt:
-            metrics = {"step": step, "train/loss": window_loss / max(1, window_n),
+            metrics = {"step": step, "train/loss": _global_mean(window_loss / max(1, window_n), world),
                        "train/tokens_per_s": window_tokens / max(window_time, 1e-9),
                        "train/grad_norm": grad_norm, "train/lr": lr_at(step, cfg),
                        "train/loss_scale": scaler.get_scale() if scaler is not None else 1.0,
-                       "train/skipped_steps": skipped, "diverged": 0}
+                       "train/skipped_steps": skipped, "train/resumed_from": resumed_from, "diverged": 0}
             window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
             if is_eval:
                 metrics["eval/loss"] = heldout_loss(model, heldout, policy, device)
@@ -310,6 +312,15 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
                     metrics.update(evaluator(model, step, policy))
             checkpoint_and_report(metrics, with_checkpoint=bool(is_ckpt))
     return RunResult(step=step, diverged=diverged, last_metrics=last_metrics, checkpoint=last_ckpt, history=history)
+
+
+def _global_mean(value: float, world: int) -> float:
+    """Mean over ranks, so a reported train loss is the global batch's, not rank 0's share."""
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / world
 
 
 def _gather_rng(state: dict, world: int) -> list[dict]:
