@@ -13,7 +13,6 @@ tasks report `.../bpb` and `.../ppl` instead of `acc`.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import time
 from dataclasses import dataclass, field
@@ -24,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from rayq.errors import UserError
-from rayq.eval import degradation as deg
-from rayq.eval import diagnostics as diag_mod
+from rayq.eval.degradation import Interval, KLStats, kl_agreement, paired_bootstrap, token_batches
+from rayq.eval.diagnostics import Diagnostics, analyze
 from rayq.eval.scoring import Progress, TaskScores, as_tokenizer, encode_task, model_max_len, score_task
 from rayq.eval.tasks import LAST_WORD, PERPLEXITY, Task, load_tasks
 
@@ -41,7 +40,7 @@ def list_scheme_names() -> Optional[list[str]]:
         from rayq.kernels import list_schemes
     except ImportError:
         return None
-    return [getattr(s, "name", s) for s in list_schemes()]
+    return [s[0] if isinstance(s, tuple) else getattr(s, "name", s) for s in list_schemes()]
 
 
 def check_schemes(names: Sequence[str]) -> None:
@@ -57,21 +56,19 @@ def check_schemes(names: Sequence[str]) -> None:
 
 
 def default_quantizer(calibration: Optional[Sequence[torch.Tensor]] = None) -> Quantizer:
-    """Deep-copy the model and quantize its block linears with `rayq.kernels.quantize_`.
+    """Quantize a deep copy of the model's block linears with `rayq.kernels.quantize_`.
 
-    `calibration` (held-out token batches) is handed to schemes that need activation statistics
-    (SmoothQuant); others ignore it.
+    `calibration` (held-out token batches) is used by the schemes that need activation statistics
+    (SmoothQuant, static per-tensor); the others ignore it.
     """
     def quantize(model: nn.Module, scheme: str) -> nn.Module:
         try:
             from rayq.kernels import quantize_, scheme_from_name
         except ImportError as exc:
             raise UserError(f"quantization scheme {scheme!r} needs rayq.kernels, which is not available ({exc})") from None
-        q = copy.deepcopy(model)
-        q.eval()
-        kwargs = {"calibration": list(calibration)} if calibration is not None and "smoothquant" in scheme else {}
-        out = quantize_(q, scheme_from_name(scheme), inplace=True, **kwargs)
-        return out if isinstance(out, nn.Module) else q
+        q = quantize_(model, scheme_from_name(scheme), inplace=False,
+                      calibration=list(calibration) if calibration is not None else None)
+        return q.eval()
 
     return quantize
 
@@ -83,9 +80,9 @@ def default_quantizer(calibration: Optional[Sequence[torch.Tensor]] = None) -> Q
 class SchemeResult:
     scheme: str
     tasks: dict[str, TaskScores]
-    degradation: Optional[deg.Interval]  # None when no accuracy task has a nonzero FP score
+    degradation: Optional[Interval]  # None when no accuracy task has a nonzero FP score
     degradation_tasks: list[str]  # tasks the degradation averages over
-    kl: Optional[deg.KLStats]  # None when no held-out tokens were given
+    kl: Optional[KLStats]  # None when no held-out tokens were given
     seconds: float = 0.0
 
 
@@ -94,7 +91,7 @@ class EvalResult:
     fp: dict[str, TaskScores]
     schemes: dict[str, SchemeResult]
     confidence: float
-    diagnostics: Optional[diag_mod.Diagnostics] = None
+    diagnostics: Optional[Diagnostics] = None
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)
 
@@ -206,14 +203,14 @@ def evaluate(model: nn.Module, tasks: Sequence[Task], schemes: Sequence[str] = (
             kl = None
             if kl_batches:
                 _say(progress, f"eval: KL(FP||Q) on {sum(b.numel() for b in kl_batches)} held-out tokens [{scheme}]")
-                kl = deg.kl_agreement(model, {scheme: qmodel}, kl_batches, policy=policy)[scheme]
+                kl = kl_agreement(model, {scheme: qmodel}, kl_batches, policy=policy)[scheme]
         finally:
             del qmodel
         # the paper's metric is undefined for a task the FP model scores 0 on (early checkpoints)
         usable = [t.name for t in tasks if t.is_accuracy and fp[t.name].score > 0]
         interval = None
         if usable:
-            interval = deg.paired_bootstrap({n: fp[n].per_item[fp[n].primary] for n in usable},
+            interval = paired_bootstrap({n: fp[n].per_item[fp[n].primary] for n in usable},
                                             {n: qs[n].per_item[qs[n].primary] for n in usable},
                                             samples=bootstrap_samples, confidence=confidence, seed=seed)
         results[scheme] = SchemeResult(scheme, qs, interval, usable, kl, time.perf_counter() - ts)
@@ -223,7 +220,7 @@ def evaluate(model: nn.Module, tasks: Sequence[Task], schemes: Sequence[str] = (
         if not batches:
             raise ValueError("evaluate: diagnostics need held-out batches")
         _say(progress, "eval: diagnostics")
-        diag = diag_mod.analyze(model, batches, policy=policy)
+        diag = analyze(model, batches, policy=policy)
     return EvalResult(fp, results, confidence, diag, time.perf_counter() - t0,
                       meta={"tasks": {t.name: t.source for t in tasks}, "schemes": list(schemes)})
 
@@ -261,7 +258,7 @@ def eval_inputs(cfg: Any, data: Any = None, *, tokenizer: Any = None, heldout_te
         heldout_tokens = [i for _, text in sorted(heldout_texts.items()) for i in tok.encode(text)]
     batches = []
     if heldout_tokens is not None and len(heldout_tokens) >= cfg.model.seq_len:
-        batches = deg.token_batches(heldout_tokens, e.kl_tokens, cfg.model.seq_len, e.batch_size)
+        batches = token_batches(heldout_tokens, e.kl_tokens, cfg.model.seq_len, e.batch_size)
     return EvalInputs(tasks, tokenizer, batches)
 
 

@@ -10,6 +10,15 @@ import torch.nn as nn
 from eval_helpers import toy_text, train_spm
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and lose a lot when the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def spm_tokenizer():
     sp, proto = train_spm(toy_text(300, seed=1))
@@ -22,6 +31,8 @@ def trained_gpt(spm_tokenizer):
     from rayq.model import GPT
     from rayq.schema import ModelConfig
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # session fixture: runs before the per-test _one_thread
     torch.manual_seed(0)
     sp = spm_tokenizer.sp
     train_ids = np.array(sp.encode(toy_text(400, seed=2)), dtype=np.int64)
@@ -39,7 +50,8 @@ def trained_gpt(spm_tokenizer):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    torch.set_num_threads(threads)
     model.eval()
     heldout = {"toy/heldout": toy_text(120, seed=3)}
     return SimpleNamespace(model=model, cfg=cfg, sp=sp, proto=spm_tokenizer.proto, heldout=heldout,
-                           final_loss=float(loss))
+                           final_loss=float(loss.detach()))
