@@ -252,7 +252,7 @@ def plot(diag: Diagnostics, out_dir) -> list[str]:
     for kind in ("ln_attn", "ln_mlp"):
         ys = [diag.ln_gain_std.get(f"blocks.{i}.{kind}", float("nan")) for i in layers]
         ax1.plot(layers, ys, marker="o", label=kind)
-    ax1.set(xlabel="layer", ylabel="std of LayerNorm gain", title="LayerNorm gain spread")
+    ax1.set(xlabel="layer", ylabel="std of LayerNorm gain", title="LayerNorm gain spread", xticks=layers)
     ax1.legend()
     for name, h in diag.ln_gain_hist.items():
         edges = np.asarray(h["edges"])
@@ -266,10 +266,10 @@ def plot(diag: Diagnostics, out_dir) -> list[str]:
     fig = Figure(figsize=(9, 3.6))
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(layers, diag.qkv_input_rmse, marker="o")
-    ax1.set(xlabel="layer", ylabel="RMSE(X, X_hat)", title="INT8 error at the attn.qkv input")
+    ax1.set(xlabel="layer", ylabel="RMSE(X, X_hat)", title="INT8 error at the attn.qkv input", xticks=layers)
     for site, ys in diag.act_std.items():
         ax2.plot(layers, ys, marker="o", label=site)
-    ax2.set(xlabel="layer", ylabel="mean per-token std", title="activation std by linear input")
+    ax2.set(xlabel="layer", ylabel="mean per-token std", title="activation std by linear input", xticks=layers)
     ax2.legend(fontsize=7)
     save(fig, "activations.png")
 
@@ -279,7 +279,7 @@ def plot(diag: Diagnostics, out_dir) -> list[str]:
     for site in SITES:
         ys = [diag.spectral_norm.get(f"blocks.{i}.{site}", float("nan")) for i in layers]
         ax.plot(layers, ys, marker="o", label=site)
-    ax.set(xlabel="layer", ylabel="spectral norm", title="spectral norm of linear weights")
+    ax.set(xlabel="layer", ylabel="spectral norm", title="spectral norm of linear weights", xticks=layers)
     ax.legend(fontsize=7)
     save(fig, "spectral_norm.png")
 
@@ -294,7 +294,8 @@ def plot(diag: Diagnostics, out_dir) -> list[str]:
         ax1.legend(fontsize=6)
     mags = np.asarray(diag.dim_max_abs)
     im = ax2.imshow(mags, aspect="auto", interpolation="nearest", cmap="viridis")
-    ax2.set(xlabel="feature", ylabel="layer", title=f"max |x| at attn.qkv input ({len(diag.outliers.dims)} outlier dims)")
+    ax2.set(xlabel="feature", ylabel="layer", yticks=layers,
+            title=f"max |x| at attn.qkv input ({len(diag.outliers.dims)} outlier dims)")
     fig.colorbar(im, ax=ax2)
     save(fig, "weights_outliers.png")
     return written
