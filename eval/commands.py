@@ -1,0 +1,279 @@
+"""`rayq eval` and `rayq analyze`: judge a checkpoint from the command line.
+
+    rayq eval CKPT [--schemes w8a8-vectorwise,w4-colwise] [--tasks heldout-lambada,piqa]
+                   [--task-path piqa=~/data/piqa/valid.jsonl] [--set eval.task_size=500] [--json]
+    rayq analyze CKPT --out DIR [--batches 4] [--threshold 6] [--z 6] [--json]
+
+CKPT is a checkpoint directory, a run directory (its latest checkpoint) or its checkpoints/. The
+checkpoint's own config says what to evaluate; flags and `--set` override it. The tokenizer and
+held-out text come from the config's prepared data (`rayq data prepare`), or from `--tokenizer`
+and `--heldout` files. Results go to stdout (a table, or JSON with `--json`); progress to stderr.
+Bad input raises `UserError` (exit 2 through `rayq.cli`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from rayq.errors import UserError
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _parser(prog: str, description: str):
+    from rayq.commands import make_parser
+
+    parser = make_parser(prog, description)
+    parser.add_argument("checkpoint", help="checkpoint dir, run dir (latest checkpoint) or its checkpoints/")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                        help="override a key of the checkpoint's config, e.g. --set eval.task_size=500")
+    parser.add_argument("--tokenizer", metavar="FILE", help="SentencePiece .model (default: the prepared data's)")
+    parser.add_argument("--heldout", metavar="FILE", action="append", default=[],
+                        help="held-out text file for built-in tasks and KL (repeatable; default: prepared data)")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: train.device of the config)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _split(text: Optional[str]) -> Optional[list[str]]:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _load(args: Any, values: dict) -> tuple:
+    """(checkpoint dir, step, config, model, policy, device) of the CLI arguments."""
+    import torch
+
+    from rayq import checkpoint as ckpt_io
+    from rayq import config as config_io
+    from rayq.model import GPT
+    from rayq.precision import PrecisionPolicy
+
+    path = ckpt_io.resolve_checkpoint(args.checkpoint)
+    cfg = config_io.resolve(config_file=path / "config.yaml", overrides=args.overrides, values=values)
+    state = ckpt_io.load(path, with_optimizer=False)
+    device_name = args.device or cfg.train.device
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        raise UserError(f"--device {device_name}: not a torch device") from None
+    model = GPT(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UserError(f"{path}/model.pt does not match the model of its config.yaml ({str(exc).splitlines()[0]})") from None
+    model.to(device).eval()
+    precision = getattr(args, "precision", "recipe")
+    policy = None if precision == "fp32" else PrecisionPolicy.from_recipe(cfg.recipe, device.type)
+    return path, int(state["trainer"].get("step", 0)), cfg, model, policy, device
+
+
+def _data_parts(args: Any, cfg: Any) -> dict:
+    """tokenizer / heldout_texts / heldout_tokens from files, or the prepared data of the config."""
+    if args.tokenizer or args.heldout:
+        parts: dict = {}
+        if args.tokenizer:
+            p = Path(args.tokenizer).expanduser()
+            if not p.is_file():
+                raise UserError(f"--tokenizer {p}: file not found")
+            import sentencepiece as spm
+
+            try:
+                parts["tokenizer"] = spm.SentencePieceProcessor(model_file=str(p))
+            except (OSError, RuntimeError) as exc:
+                raise UserError(f"--tokenizer {p}: not a SentencePiece model ({exc})") from None
+        texts = {}
+        for f in args.heldout:
+            p = Path(f).expanduser()
+            if not p.is_file():
+                raise UserError(f"--heldout {p}: file not found")
+            texts[p.stem] = p.read_text(encoding="utf-8")
+        parts["heldout_texts"] = texts or None
+        if "tokenizer" not in parts:
+            parts["tokenizer"] = _prepared(cfg).tokenizer()
+        return parts
+    data = _prepared(cfg)
+    return {"data": data}
+
+
+def _prepared(cfg: Any):
+    from rayq import data as data_io
+
+    return data_io.prepare(cfg, progress=_progress)
+
+
+# ============================================================================ rayq eval
+
+
+def _fmt_ci(d: Optional[dict]) -> str:
+    if d is None or d["estimate"] is None or math.isnan(d["estimate"]):
+        return "n/a"
+    return f"{d['estimate']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+
+
+def format_table(doc: dict) -> str:
+    """The human-readable `rayq eval` table of an `EvalResult.to_dict()` document."""
+    schemes = list(doc["schemes"])
+    fp_col = doc.get("fp_label", "fp")
+    rows = [["task", "items", "metric", fp_col] + schemes]
+    for name, s in doc["fp"].items():
+        key = s["primary"]
+        row = [name, str(s["n"]), key, f"{s[key]:.4f}"]
+        for scheme in schemes:
+            q = doc["schemes"][scheme]["tasks"][name][key]
+            rel = f" ({(q - s[key]) / s[key] * 100:+.2f}%)" if s[key] and s["kind"] != "perplexity" else ""
+            row.append(f"{q:.4f}{rel}")
+        rows.append(row)
+    m = doc["metrics"]
+    if "fp/acc" in m:
+        rows.append(["mean acc", "", "", f"{m['fp/acc']:.4f}"] + [f"{m.get(f'q/{s}/acc', float('nan')):.4f}" for s in schemes])
+    if schemes:
+        conf = int(round(doc["confidence"] * 100))
+        rows.append([f"degradation % [{conf}% CI]", "", "", ""] + [_fmt_ci(doc["schemes"][s]["degradation_pct"]) for s in schemes])
+        kls = [doc["schemes"][s]["kl"] for s in schemes]
+        if any(k is not None for k in kls):
+            rows.append(["KL(FP||Q) nats ± se", "", "", ""] + [f"{k['kl']:.3g} ± {k['kl_se']:.2g}" if k else "n/a" for k in kls])
+            rows.append(["top-1 agreement", "", "", ""] + [f"{k['top1_agree'] * 100:.2f}%" if k else "n/a" for k in kls])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r, row in enumerate(rows):
+        cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if r == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def eval_(argv: Sequence[str]) -> int:
+    from rayq.commands import parse_args
+
+    parser = _parser("rayq eval", "score a checkpoint in full precision and under each quantization scheme")
+    parser.add_argument("--schemes", help="comma-separated schemes (rayq ls quant); default: eval.schemes; '' for none")
+    parser.add_argument("--tasks", help="comma-separated tasks (rayq ls tasks); default: eval.tasks")
+    parser.add_argument("--task-path", metavar="NAME=PATH", action="append", default=[],
+                        help="local file of a task's released format, e.g. piqa=~/piqa/valid.jsonl (repeatable)")
+    parser.add_argument("--task-size", type=int, help="items per built-in task (eval.task_size)")
+    parser.add_argument("--kl-tokens", type=int, help="held-out tokens for KL (eval.kl_tokens)")
+    parser.add_argument("--batch-size", type=int, help="sequences per scoring batch (eval.batch_size)")
+    parser.add_argument("--bootstrap", type=int, help="bootstrap resamples (eval.bootstrap_samples)")
+    parser.add_argument("--precision", choices=["recipe", "fp32"], default="recipe",
+                        help="compute of the forward passes: the recipe's precision (as at train time) or fp32")
+    parser.add_argument("--diagnostics", action="store_true", help="also compute the paper's §5 diagnostics")
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
+
+    values: dict[str, Any] = {}
+    if args.schemes is not None:
+        values["eval.schemes"] = _split(args.schemes)
+    if args.tasks is not None:
+        values["eval.tasks"] = _split(args.tasks)
+    for text in args.task_path:
+        name, sep, path = text.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UserError(f"--task-path {text}: expected NAME=PATH")
+        values[f"eval.task_paths.{name.strip().lower()}"] = path.strip()
+    for flag, key in (("task_size", "task_size"), ("kl_tokens", "kl_tokens"), ("batch_size", "batch_size"),
+                      ("bootstrap", "bootstrap_samples")):
+        if getattr(args, flag) is not None:
+            values[f"eval.{key}"] = getattr(args, flag)
+    if args.diagnostics:
+        values["eval.diagnostics"] = True
+
+    from rayq.eval.evaluate import check_schemes, eval_inputs, evaluate
+    from rayq.eval.tasks import get_spec
+
+    # cheap checks first: names of tasks and schemes, before loading the model or preparing data
+    for name in values.get("eval.tasks", []):
+        get_spec(name)
+    path, step, cfg, model, policy, device = _load(args, values)
+    check_schemes(cfg.eval.schemes)
+    for name in cfg.eval.tasks:
+        get_spec(name)
+    _progress(f"rayq eval: {path} (step {step}) on {device}, tasks {', '.join(cfg.eval.tasks)}, "
+              f"schemes {', '.join(cfg.eval.schemes) or 'none'}")
+    inputs = eval_inputs(cfg, **_data_parts(args, cfg))
+    e = cfg.eval
+    result = evaluate(model, inputs.tasks, e.schemes, tokenizer=inputs.tokenizer, kl_batches=inputs.kl_batches,
+                      batch_size=e.batch_size, policy=policy, bootstrap_samples=e.bootstrap_samples,
+                      confidence=e.confidence, diagnostics=e.diagnostics, progress=_progress)
+    doc = {"checkpoint": str(path), "step": step,
+           "precision": "fp32" if policy is None else policy.precision, **result.to_dict()}
+    if args.json:
+        print(json.dumps(doc, default=float))
+    else:
+        doc["fp_label"] = f"fp ({doc['precision']})"
+        print(f"{path} (step {step})")
+        print(format_table(doc))
+    return 0
+
+
+# ============================================================================ rayq analyze
+
+
+def analyze(argv: Sequence[str]) -> int:
+    from rayq.commands import parse_args
+
+    parser = _parser("rayq analyze", "weight and activation diagnostics of a checkpoint (paper §5): JSON + PNG plots")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory for diagnostics.json and the plots")
+    parser.add_argument("--batches", type=int, default=4, help="held-out batches to run (default 4)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
+    parser.add_argument("--threshold", type=float, default=6.0, help="outlier magnitude |x| (Dettmers: 6)")
+    parser.add_argument("--z", type=float, default=6.0, help="outlier z-score of the z-score rule (default 6)")
+    parser.add_argument("--layer-frac", type=float, default=0.25, help="fraction of sites (Dettmers: 0.25)")
+    parser.add_argument("--token-frac", type=float, default=0.06, help="fraction of tokens (Dettmers: 0.06)")
+    parser.add_argument("--no-plots", action="store_true", help="write diagnostics.json only")
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
+    if args.batches < 1 or args.batch_size < 1:
+        raise UserError("--batches and --batch-size must be >= 1")
+    if not (0 < args.layer_frac <= 1 and 0 < args.token_frac <= 1):
+        raise UserError("--layer-frac and --token-frac must be in (0, 1]")
+
+    from rayq.config import atomic_write_text
+    from rayq.eval.degradation import token_batches
+    from rayq.eval.diagnostics import analyze as run_analysis
+    from rayq.eval.diagnostics import plot
+    from rayq.eval.scoring import as_tokenizer
+
+    path, step, cfg, model, _, device = _load(args, {})
+    parts = _data_parts(args, cfg)
+    if "data" in parts:
+        tokens = parts["data"].tokens("heldout")
+    else:
+        if not parts.get("heldout_texts"):
+            raise UserError("rayq analyze needs held-out text: --heldout FILE (or the prepared data)")
+        tok = as_tokenizer(parts["tokenizer"])
+        tokens = [i for _, text in sorted(parts["heldout_texts"].items()) for i in tok.encode(text)]
+    seq_len = cfg.model.seq_len
+    try:
+        batches = token_batches(tokens, args.batches * args.batch_size * seq_len, seq_len, args.batch_size)
+    except ValueError as exc:
+        raise UserError(f"rayq analyze: {exc}") from None
+    _progress(f"rayq analyze: {path} (step {step}) on {sum(b.numel() for b in batches)} held-out tokens")
+    diag = run_analysis(model, batches, threshold=args.threshold, z=args.z, layer_frac=args.layer_frac,
+                        token_frac=args.token_frac)
+    out = Path(args.out).expanduser()
+    doc = {"checkpoint": str(path), "step": step, "summary": diag.summary(), **diag.to_dict()}
+    atomic_write_text(out / "diagnostics.json", json.dumps(doc, indent=1))
+    written = [str(out / "diagnostics.json")]
+    if not args.no_plots:
+        written += plot(diag, out)
+    if args.json:
+        print(json.dumps({"checkpoint": str(path), "step": step, "files": written, "summary": diag.summary()}))
+    else:
+        print(f"{path} (step {step})")
+        for k, v in diag.summary().items():
+            print(f"  {k:<24} {v:.4g}")
+        print(f"  outlier dims (|x|>={args.threshold:g}): {diag.outliers.dims or 'none'}; "
+              f"z-score rule (z>={args.z:g}): {diag.outliers_z.dims or 'none'}")
+        print("wrote " + ", ".join(written))
+    return 0
