@@ -283,7 +283,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd W8A8 path")
     p.add_argument("--kernel", choices=("s8s8", "u8s8"), default=None, help="CPU integer GEMM form for the W8A8 modules")
     args = p.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 7)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
     if repeats < 1:
         p.error("--repeats must be >= 1")
     if args.kernel:
