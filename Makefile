@@ -18,7 +18,7 @@ venv: $(STAMP)
 
 # The main job on the embedded default: local Ray, small model, real English corpus.
 demo: $(STAMP)
-	$(BIN)/rayq train --preset demo --out runs/demo
+	$(BIN)/rayq search --preset demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 # What CI runs: unit tests plus the Ray integration and slow tests (xla/gpu lanes skip here).
 test: $(STAMP)

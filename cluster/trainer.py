@@ -83,7 +83,11 @@ def train_worker(loop_config: dict) -> None:
 
     cfg = config_io.build(Config, loop_config["config"])
     device = backends.setup_worker(cfg.cluster)
-    data = data_io.prepare(cfg)  # cached by content hash: a lookup after the driver prepared it
+    # The driver prepared the data; reuse its directory when this node can see it (one machine,
+    # shared filesystems), else prepare here (cached by content hash on this node).
+    data_dir = loop_config.get("data_dir")
+    data = data_io.open_prepared(data_dir) if data_dir and os.path.exists(os.path.join(data_dir, "manifest.json")) \
+        else data_io.prepare(cfg)
     evaluator = None
     if loop_config.get("evaluate"):
         from rayq.eval import make_eval_hook
@@ -109,7 +113,7 @@ def _metrics_callback(run_dir: str) -> Any:
 
 
 def build_trainer(cfg: Config, *, storage: str, name: str = CHECKPOINTS, evaluate: bool = False,
-                  callbacks: Optional[list] = None) -> Any:
+                  callbacks: Optional[list] = None, data_dir: Optional[str] = None) -> Any:
     """A TorchTrainer running `cfg` on `cfg.cluster.workers` workers, resuming from storage/name."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -118,7 +122,7 @@ def build_trainer(cfg: Config, *, storage: str, name: str = CHECKPOINTS, evaluat
 
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": config_io.to_dict(cfg), "evaluate": evaluate},
+        train_loop_config={"config": config_io.to_dict(cfg), "evaluate": evaluate, "data_dir": data_dir},
         torch_config=backends.torch_config(cfg.cluster),
         scaling_config=backends.scaling_config(cfg.cluster),
         run_config=ray.train.RunConfig(
@@ -140,8 +144,12 @@ def fit(cfg: Config, run_dir: str | Path, *, evaluate: bool = False) -> dict:
                         "remote storage is for rayq search (use a local path or leave it null)")
     run_dir.mkdir(parents=True, exist_ok=True)
     config_io.save(cfg, run_dir / "config.yaml")
+    from rayq import data as data_io
+
+    data = data_io.prepare(cfg)  # once, on the driver
     connect(cfg.cluster.address)
-    trainer = build_trainer(cfg, storage=storage, evaluate=evaluate, callbacks=[_metrics_callback(str(run_dir))])
+    trainer = build_trainer(cfg, storage=storage, evaluate=evaluate, callbacks=[_metrics_callback(str(run_dir))],
+                            data_dir=str(data.root))
     result = trainer.fit()
     if result.error is not None:
         raise result.error

@@ -13,7 +13,13 @@ import sys
 
 # name -> (target, one-line help). Rooms add their commands here as they land.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "search": ("rayq.search.commands:search", "multi-objective recipe search on Ray Tune (FP accuracy vs PTQ degradation)"),
     "train": ("rayq.cluster.commands:train", "train a recipe: in-process, or on Ray Train workers (--workers N)"),
+    "eval": ("rayq.eval.commands:eval_", "score a checkpoint: FP vs INT8 schemes, degradation with CI, KL"),
+    "analyze": ("rayq.eval.commands:analyze", "weight/activation diagnostics of a checkpoint (JSON + PNG plots)"),
+    "export": ("rayq.search.commands:export_", "write the best recipes of a search as launchable recipe files"),
+    "report": ("rayq.search.commands:report", "plots and a summary of a search"),
+    "plan": ("rayq.cluster.commands:plan", "memory per device and tokens/s a full-scale run needs"),
     "data": ("rayq.commands:data", "prepare the corpus: tokenizer + Parquet token shards (data prepare)"),
     "ls": ("rayq.commands:ls", "list presets, quantization schemes, tasks"),
     "validate": ("rayq.commands:validate", "check a config file (and --set overrides) without running it"),

@@ -1,0 +1,107 @@
+"""`rayq search`, `rayq export`, `rayq report`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def _front_table(front: list[dict], names: list[str]) -> str:
+    if not front:
+        return "no completed recipe: the Pareto front is empty"
+    cols = sorted({k for r in front for k in r if k.startswith("config/")})
+    header = ["trial", *[c.split(".")[-1] for c in cols], *names]
+    lines = ["  ".join(f"{h:>14}" for h in header)]
+    for r in front:
+        cells = [str(r["trial_id"])[:14], *[str(r.get(c)) for c in cols],
+                 *[f"{r.get(n, float('nan')):.6g}" for n in names]]
+        lines.append("  ".join(f"{c:>14}" for c in cells))
+    return "\n".join(lines)
+
+
+def search(argv: Sequence[str]) -> int:
+    from rayq.cluster.commands import cluster_values
+    from rayq.commands import add_config_args, make_parser, parse_args
+    from rayq.config import resolve, with_values
+
+    parser = make_parser("rayq search", "Multi-objective recipe search on Ray Tune: maximize FP accuracy, "
+                         "minimize PTQ degradation; bad recipes stop early at milestones.")
+    add_config_args(parser)
+    parser.add_argument("--out", required=True, help="search directory (results.parquet, pareto.csv, ...)")
+    parser.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    parser.add_argument("--cluster", help="a cluster file with a cluster: section (cluster/configs/...)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+    parser.add_argument("--export-top", type=int, default=1, help="export this many front recipes at the end")
+    parser.add_argument("--json", action="store_true", help="print the front as JSON")
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
+    out = Path(args.out)
+    if args.resume and args.preset is None and args.config is None and (out / "config.yaml").exists():
+        args.config = str(out / "config.yaml")  # `rayq search --resume --out DIR` reuses the saved config
+    cfg = resolve(preset=args.preset, config_file=args.config, overrides=args.overrides,
+                  file_values=cluster_values(args.cluster) if args.cluster else None)
+    if args.address:
+        cfg = with_values(cfg, {"cluster.address": args.address})
+
+    from rayq.allocator import keep_pages
+    from rayq.search.tuner import run_search
+
+    keep_pages()
+    outcome = run_search(cfg, out, resume=args.resume)
+    names = [o.name for o in outcome.objectives]
+    counts: dict[str, int] = {}
+    for s in outcome.status.values():
+        counts[s["status"]] = counts.get(s["status"], 0) + 1
+    if args.json:
+        print(json.dumps({"front": outcome.front, "trials": counts}, default=str))
+    else:
+        print(f"trials: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}")
+        print(f"Pareto front of completed recipes ({out / 'pareto.csv'}):")
+        print(_front_table(outcome.front, names))
+    if outcome.front and args.export_top > 0:
+        from rayq.search.export import export
+
+        written = export(out, out / "recipes", top=args.export_top)
+        for path in written:
+            print(f"exported {path}", file=sys.stderr)
+    return 0
+
+
+def export_(argv: Sequence[str]) -> int:
+    from rayq.commands import make_parser, parse_args
+    from rayq.search.export import PICKS, export
+
+    parser = make_parser("rayq export", "Write recipe YAMLs of the best recipes of a search, ready for "
+                         "rayq train --recipe FILE --preset 6b --cluster ...")
+    parser.add_argument("search_dir")
+    parser.add_argument("--out", required=True, help="directory for the recipe files")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--top", type=int, help="the K best recipes of the front (knee first)")
+    group.add_argument("--pick", choices=PICKS, help="one recipe: the knee, max FP accuracy or min degradation")
+    parser.add_argument("--preset", default="6b", help="model preset of the full-scale launch (default 6b)")
+    parser.add_argument("--cluster", default="cluster/configs/gcp-tpu.rayq.yaml",
+                        help="cluster file of the full-scale launch")
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
+    for path in export(args.search_dir, args.out, top=args.top, pick=args.pick, preset=args.preset,
+                       cluster=args.cluster):
+        print(path)
+    return 0
+
+
+def report(argv: Sequence[str]) -> int:
+    from rayq.commands import make_parser, parse_args
+    from rayq.search.report import write_report
+
+    parser = make_parser("rayq report", "Plots and a Markdown summary of a search")
+    parser.add_argument("search_dir")
+    parser.add_argument("--out", required=True, help="report directory")
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
+    print(write_report(args.search_dir, args.out))
+    return 0
