@@ -209,8 +209,10 @@ def w8a8_core(
     comp: 128 * colsum(W) as int32 [N] to use the u8 x s8 GEMM, or None for s8 x s8 (subtracted
     in int32: the biased u8 accumulator can exceed 2^24, where fp32 would round it).
     The absmax is returned so the caller can check it is finite (NaN/inf anywhere in a row makes
-    it so) without a separate pass over x (int8 conversion would silently turn NaN into a code). Pure tensor code: torch.compile fuses the quantize
-    into one pass and the dequant (+ compensation + bias) into one epilogue pass.
+    it so) without a separate pass over x (int8 conversion would silently turn NaN into a code).
+    Pure tensor code: torch.compile fuses the quantize into one pass over x and the dequant
+    (+ compensation + bias) into one epilogue pass; eagerly, the in-place ops below save the
+    allocations (and page faults) of three [M, N] temporaries.
     """
     if in_scale is not None:
         x = x * in_scale
@@ -220,14 +222,19 @@ def w8a8_core(
         absmax = torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32).clamp_min(EPS_ABSMAX).reshape(1, 1)
     else:
         absmax = absmax_rows(x)
-    xq = quantize_symmetric(x, absmax)
+    t = x * (QMAX8 / absmax)
+    t.round_()
+    if act_absmax is not None:  # a static scale can be exceeded; a dynamic one cannot (|t| <= 127)
+        t.clamp_(-QMAX8, QMAX8)
+    xq = t.to(torch.int8)
     if comp is not None:
-        acc = torch._int_mm(xq.view(torch.uint8) ^ 128, qweight.t())
-        out = (acc - comp) * (absmax / QMAX8) * w_scale
+        acc = torch._int_mm(xq.view(torch.uint8) ^ 128, qweight.t()).sub_(comp)
     else:
-        out = int8_mm(xq, qweight, kernel="s8s8") * (absmax / QMAX8) * w_scale
+        acc = int8_mm(xq, qweight, kernel="s8s8")
+    out = acc * (absmax / QMAX8)
+    out.mul_(w_scale)
     if bias is not None:
-        out = out + bias
+        out.add_(bias)
     # a static scale hides NaN/inf from the absmax, so take the (fusable) max |x| for the check
     check = absmax if act_absmax is None else torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32)
     return out, check
