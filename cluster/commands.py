@@ -134,3 +134,10 @@ def _train_in_process(cfg: Config, out: Path, *, evaluate: bool) -> dict:
         print(f"rayq train: diverged at step {result.step} (non-finite loss); last good checkpoint: "
               f"{result.checkpoint}", file=sys.stderr)
     return result.last_metrics
+
+
+def plan(argv: list[str]) -> int:
+    """`rayq plan`: memory per device and the tokens/s a full-scale run needs (cluster/plan.py)."""
+    from rayq.cluster.plan import plan_command
+
+    return plan_command(argv)
