@@ -244,6 +244,10 @@ def test_bitsandbytes_cross_check():
     wq_b, col_stats, _ = bnb_f.int8_vectorwise_quant(w.half())
     qm = q(layer, W8A8Vectorwise())
     assert (qm[0].qweight.int() - wq_b.int()).abs().max() <= 1  # within one INT8 step
+    from rayq.kernels import gemm
+
+    xq = gemm.quantize_symmetric(x, gemm.absmax_rows(x))
+    assert (xq.int() - xq_b.int()).abs().max() <= 1  # bnb rounds its fp16 copy of x
     acc = bnb_f.int8_linear_matmul(xq_b, wq_b)
     y_b = bnb_f.int8_mm_dequant(acc, row_stats, col_stats, bias=layer[0].bias.detach().half()).float()
     y = qm(x)
