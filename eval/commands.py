@@ -165,6 +165,8 @@ def eval_(argv: Sequence[str]) -> int:
     parser.add_argument("--bootstrap", type=int, help="bootstrap resamples (eval.bootstrap_samples)")
     parser.add_argument("--precision", choices=["recipe", "fp32"], default="recipe",
                         help="compute of the forward passes: the recipe's precision (as at train time) or fp32")
+    parser.add_argument("--backend", choices=["auto", "eager", "compiled", "reference"], default="auto",
+                        help="rayq.kernels GEMM path of the quantized models (default auto)")
     parser.add_argument("--diagnostics", action="store_true", help="also compute the paper's §5 diagnostics")
     args = parse_args(parser, argv)
     if isinstance(args, int):
@@ -187,7 +189,7 @@ def eval_(argv: Sequence[str]) -> int:
     if args.diagnostics:
         values["eval.diagnostics"] = True
 
-    from rayq.eval.evaluate import check_schemes, eval_inputs, evaluate
+    from rayq.eval.evaluate import check_schemes, default_quantizer, eval_inputs, evaluate
     from rayq.eval.tasks import get_spec
 
     # cheap checks first: names of tasks and schemes, before loading the model or preparing data
@@ -203,7 +205,8 @@ def eval_(argv: Sequence[str]) -> int:
     e = cfg.eval
     result = evaluate(model, inputs.tasks, e.schemes, tokenizer=inputs.tokenizer, kl_batches=inputs.kl_batches,
                       batch_size=e.batch_size, policy=policy, bootstrap_samples=e.bootstrap_samples,
-                      confidence=e.confidence, diagnostics=e.diagnostics, progress=_progress)
+                      confidence=e.confidence, diagnostics=e.diagnostics, progress=_progress,
+                      quantizer=default_quantizer(inputs.kl_batches[:2] or None, backend=args.backend))
     doc = {"checkpoint": str(path), "step": step,
            "precision": "fp32" if policy is None else policy.precision, **result.to_dict()}
     if args.json:

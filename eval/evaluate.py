@@ -55,18 +55,19 @@ def check_schemes(names: Sequence[str]) -> None:
             raise UserError(f"unknown quantization scheme {name!r}{hint} (rayq ls quant: {', '.join(known)})")
 
 
-def default_quantizer(calibration: Optional[Sequence[torch.Tensor]] = None) -> Quantizer:
+def default_quantizer(calibration: Optional[Sequence[torch.Tensor]] = None, backend: str = "auto") -> Quantizer:
     """Quantize a deep copy of the model's block linears with `rayq.kernels.quantize_`.
 
     `calibration` (held-out token batches) is used by the schemes that need activation statistics
-    (SmoothQuant, static per-tensor); the others ignore it.
+    (SmoothQuant, static per-tensor); the others ignore it. `backend` is the kernels' choice of
+    GEMM path (auto | eager | compiled | reference).
     """
     def quantize(model: nn.Module, scheme: str) -> nn.Module:
         try:
             from rayq.kernels import quantize_, scheme_from_name
         except ImportError as exc:
             raise UserError(f"quantization scheme {scheme!r} needs rayq.kernels, which is not available ({exc})") from None
-        q = quantize_(model, scheme_from_name(scheme), inplace=False,
+        q = quantize_(model, scheme_from_name(scheme), inplace=False, backend=backend,
                       calibration=list(calibration) if calibration is not None else None)
         return q.eval()
 
