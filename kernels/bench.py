@@ -96,8 +96,9 @@ def bench_linear(M: int, K: int, N: int, repeats: int, compiled: bool, bf16_froz
         "bf16_ms": lambda: lin_bf16(xb),
         "w8a8_eager_ms": lambda: q_eager(x),
         "int_mm_s8_ms": lambda: torch._int_mm(xq, wq.t()),
-        "int_mm_u8_ms": lambda: torch._int_mm(xq.view(torch.uint8) ^ 128, wq.t()),
     }
+    if gemm.supports_u8():
+        fns["int_mm_u8_ms"] = lambda: torch._int_mm(xq.view(torch.uint8) ^ 128, wq.t())
     if compiled:
         q_comp = _w8a8(lin, "compiled")
         row["compile_first_call_s"] = _timed_first_call(lambda: q_comp(x))

@@ -28,6 +28,7 @@ Activations: per-token absmax; an all-zero row gets the epsilon absmax `EPS_ABSM
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from typing import Optional
@@ -50,10 +51,22 @@ _KERNELS = ("s8s8", "u8s8")
 _default_kernel = {"cpu": "s8s8"}
 
 
+@functools.lru_cache(maxsize=None)
+def supports_u8() -> bool:
+    """Whether this torch's CPU `_int_mm` takes a uint8 first operand (2.13 does; 2.9 refuses)."""
+    try:
+        torch._int_mm(torch.zeros(1, 8, dtype=torch.uint8), torch.zeros(8, 1, dtype=torch.int8))
+        return True
+    except RuntimeError:
+        return False
+
+
 def set_cpu_kernel(kernel: str) -> None:
     """Choose the CPU integer GEMM form ("s8s8" or "u8s8"); the bench measures both."""
     if kernel not in _KERNELS:
         raise ValueError(f"cpu kernel must be one of {_KERNELS}, got {kernel!r}")
+    if kernel == "u8s8" and not supports_u8():
+        raise ValueError(f"torch {torch.__version__}: CPU _int_mm does not take uint8 operands; use s8s8")
     _default_kernel["cpu"] = kernel
 
 
@@ -69,7 +82,7 @@ def _ceil_to(n: int, m: int) -> int:
 
 
 def _cpu_int_mm(a: Tensor, w: Tensor, kernel: str, colsum: Optional[Tensor]) -> Tensor:
-    if kernel == "u8s8":
+    if kernel == "u8s8" and supports_u8():  # same integers either way; older torch lacks u8
         # +128 is a flip of the sign bit of the byte; the 128 * colsum(W) term is subtracted here
         # (the compiled linear folds it into its dequant epilogue instead, see `w8a8_core`).
         acc = torch._int_mm(a.view(torch.uint8) ^ 128, w.t())

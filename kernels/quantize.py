@@ -147,7 +147,7 @@ class W8A8Linear(QuantLinear):
 
     def _compensation(self) -> Optional[Tensor]:
         """128 * colsum(W_q) for the u8 x s8 CPU GEMM, cached per weight version."""
-        if gemm.cpu_kernel() != "u8s8" or self.qweight.device.type != "cpu" or self.in_features > gemm.MAX_K_U8:
+        if gemm.cpu_kernel() != "u8s8" or self.qweight.device.type != "cpu" or self.in_features > gemm.MAX_K_U8 or not gemm.supports_u8():
             return None
         key = (self.qweight.data_ptr(), self.qweight._version)
         if key != self._comp_key:

@@ -28,7 +28,7 @@ def test_quick_bench_json_keys(capsys):
     assert out["env"]["allocator"]["allocator"] in ("glibc-keep-pages", "jemalloc", "system")
     assert len(out["linear"]) == len(bench.QUICK_SHAPES)
     for row in out["linear"]:
-        assert {"M", "K", "N", "fp32_ms", "bf16_ms", "w8a8_ms", "w8a8_eager_ms", "int_mm_s8_ms", "int_mm_u8_ms",
+        assert {"M", "K", "N", "fp32_ms", "bf16_ms", "w8a8_ms", "w8a8_eager_ms", "int_mm_s8_ms",
                 "speedup_vs_fp32", "speedup_vs_bf16", "auto_backend"} <= set(row)
         assert row["w8a8_ms"] > 0 and row["speedup_vs_fp32"] > 0
     (model,) = out["model"]

@@ -167,6 +167,8 @@ def test_compiled_path_matches_eager_exactly():
 def test_u8_kernel_same_result(kernel):
     from rayq.kernels import gemm
 
+    if kernel == "u8s8" and not gemm.supports_u8():
+        pytest.skip("this torch's _int_mm has no u8 operand")
     layer, x = make_layer(), random_x()
     before = gemm.cpu_kernel()
     try:
