@@ -14,6 +14,7 @@ tasks report `.../bpb` and `.../ppl` instead of `acc`.
 from __future__ import annotations
 
 import difflib
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -254,6 +255,7 @@ def eval_inputs(cfg: Any, data: Any = None, *, tokenizer: Any = None, heldout_te
     if tokenizer is None:
         raise UserError("evaluation needs a tokenizer (prepared data or --tokenizer)")
     tasks = load_tasks(e.tasks, e.task_paths, heldout_texts=heldout_texts, size=e.task_size, seed=task_seed)
+    tasks = [fit_to_context(t, as_tokenizer(tokenizer), cfg.model.seq_len) for t in tasks]
     if heldout_tokens is None and heldout_texts:
         tok = as_tokenizer(tokenizer)
         heldout_tokens = [i for _, text in sorted(heldout_texts.items()) for i in tok.encode(text)]
@@ -261,6 +263,31 @@ def eval_inputs(cfg: Any, data: Any = None, *, tokenizer: Any = None, heldout_te
     if heldout_tokens is not None and len(heldout_tokens) >= cfg.model.seq_len:
         batches = token_batches(heldout_tokens, e.kl_tokens, cfg.model.seq_len, e.batch_size)
     return EvalInputs(tasks, tokenizer, batches)
+
+
+def fit_to_context(task: Task, tok: Any, max_len: int) -> Task:
+    """Drop the items whose scored continuation cannot fit the model's context with at least one
+    token of context: truncating them would score a different (shorter) string. Contexts that are
+    too long are cut from the left by the scorer, as lm-eval does."""
+    from dataclasses import replace
+
+    from rayq.eval.tasks import LastWord, MultipleChoice
+
+    def fits(item: Any) -> bool:
+        if isinstance(item, MultipleChoice):
+            return all(len(tok.encode(c)) < max_len for c in item.continuations)
+        if isinstance(item, LastWord):
+            return len(tok.encode(item.target)) < max_len
+        return True
+
+    kept = tuple(item for item in task.items if fits(item))
+    if len(kept) == len(task.items):
+        return task
+    if not kept:
+        raise UserError(f"task {task.name}: no item fits model.seq_len={max_len} tokens")
+    print(f"[rayq.eval] {task.name}: {len(task.items) - len(kept)} of {len(task.items)} items dropped: their "
+          f"continuation does not fit model.seq_len={max_len}", file=sys.stderr)
+    return replace(task, items=kept)
 
 
 EvalHook = Callable[[nn.Module, int, Any], dict]

@@ -35,16 +35,25 @@ Progress = Optional[Callable[[str], None]]
 
 class TextTokenizer:
     """Adapter: anything with `encode(str) -> list[int]` (SentencePieceProcessor, PreparedData, a
-    toy char tokenizer). `bos_id` conditions an empty context; None if the tokenizer has none."""
+    toy char tokenizer).
+
+    `prefix_id` is the token an empty context (and a rolling perplexity window's first token) is
+    conditioned on: EOS when the tokenizer has one — rayq's token stream separates documents with
+    EOS, so "after EOS" is what the model saw at every document start; lm-eval's HF models use EOT
+    the same way — else BOS, else None (then the first token of a passage is not scored)."""
 
     def __init__(self, inner: Any):
         self.inner = inner
         if hasattr(inner, "tokenizer") and callable(inner.tokenizer) and not hasattr(inner, "encode_as_ids"):
             inner = inner.tokenizer()  # rayq.data.PreparedData -> its SentencePieceProcessor
         self._tok = inner
-        bos = getattr(inner, "bos_id", None)
-        bos = bos() if callable(bos) else bos
-        self.bos_id: Optional[int] = int(bos) if bos is not None and int(bos) >= 0 else None
+        self.prefix_id: Optional[int] = None
+        for attr in ("eos_id", "bos_id"):
+            value = getattr(inner, attr, None)
+            value = value() if callable(value) else value
+            if value is not None and int(value) >= 0:
+                self.prefix_id = int(value)
+                break
 
     def encode(self, text: str) -> list[int]:
         if not text:
@@ -70,8 +79,8 @@ def encode_pair(tok: TextTokenizer, context: str, continuation: str) -> tuple[li
     while k < min(len(ctx), len(whole)) and ctx[k] == whole[k]:
         k += 1
     k = min(k, len(whole) - 1)  # score at least one token
-    if k == 0 and tok.bos_id is not None:
-        return [tok.bos_id], whole
+    if k == 0 and tok.prefix_id is not None:
+        return [tok.prefix_id], whole
     return whole[:k], whole[k:]
 
 
@@ -139,7 +148,7 @@ def score_tokens(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seque
         if len(cont) > max_len:
             raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds the model's {max_len}")
         if not ctx:
-            raise ValueError(f"request {i}: empty context (give the tokenizer a BOS id)")
+            raise ValueError(f"request {i}: empty context (the tokenizer has no EOS/BOS id to condition on)")
         full = (ctx + cont)[-(max_len + 1):]  # cut the context from the left to fit
         prepared.append((i, full[:-1], cont))
     order = sorted(prepared, key=lambda r: -len(r[1]))
@@ -167,10 +176,10 @@ def score_tokens(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seque
     return out  # type: ignore[return-value]
 
 
-def rolling_requests(ids: Sequence[int], max_len: int, bos_id: Optional[int] = None) -> list[tuple[list, list]]:
+def rolling_requests(ids: Sequence[int], max_len: int, prefix_id: Optional[int] = None) -> list[tuple[list, list]]:
     """Token requests that score every token of `ids` exactly once with the most context that fits
-    (lm-eval's rolling windows). Without a BOS id the first token has no context and is not scored."""
-    seq = ([bos_id] if bos_id is not None else []) + list(ids)
+    (lm-eval's rolling windows). Without a prefix id the first token has no context and is not scored."""
+    seq = ([prefix_id] if prefix_id is not None else []) + list(ids)
     out = []
     a = 1
     while a < len(seq):
@@ -215,7 +224,7 @@ def task_requests(task: Task, tok: TextTokenizer, max_len: int) -> tuple[list, l
             layout.append((len(requests), len(requests) + 1))
             requests.append(encode_pair(tok, item.context, item.target))
         elif isinstance(item, Passage):
-            windows = rolling_requests(tok.encode(item.text), max_len, tok.bos_id)
+            windows = rolling_requests(tok.encode(item.text), max_len, tok.prefix_id)
             layout.append((len(requests), len(requests) + len(windows)))
             requests += windows
         else:

@@ -131,7 +131,7 @@ def test_rolling_requests_cover_each_token_once_with_full_context():
     assert scored == ids[1:]
     for ctx, cont in reqs:
         assert len(ctx) + len(cont) <= 7 and ctx  # input fits the window; never empty
-    with_bos = rolling_requests(ids, max_len=6, bos_id=1)
+    with_bos = rolling_requests(ids, max_len=6, prefix_id=1)
     assert [t for _, c in with_bos for t in c] == ids and with_bos[0][0] == [1]
 
 
