@@ -137,3 +137,17 @@ def test_builtin_tasks_need_heldout_text():
         load_task("heldout-lambada", heldout_texts={"x": "a b c"})
     with pytest.raises(UserError, match="too few sentences"):
         load_task("heldout-cloze", heldout_texts={"x": "One two three. Four five six."})
+
+
+def test_rayq_eval_never_imports_ray_and_ls_lists_tasks(capsys):
+    import subprocess
+    import sys
+
+    code = "import sys, rayq.eval, rayq.eval.commands, rayq.eval.bench; assert 'ray' not in sys.modules; " \
+           "assert 'lm_eval' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from rayq.commands import ls
+
+    assert ls(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "heldout-cloze" in out and "paralex" in out
