@@ -102,8 +102,10 @@ def device_count(cluster: Any) -> int:
 
         check(cluster)
         chips = math.prod(int(x) for x in cluster.topology.lower().split("x"))
-        slices = max(1, cluster.workers // tpu_hosts(cluster.topology, cluster.accelerator_type))
-        return chips * slices
+        per_worker = cluster.resources_per_worker.get("TPU")  # {TPU: 1}: one worker per chip
+        if not per_worker:  # default: one worker per host, owning the host's chips
+            per_worker = chips / tpu_hosts(cluster.topology, cluster.accelerator_type)
+        return int(max(1, cluster.workers) * per_worker)
     return max(1, cluster.workers)
 
 

@@ -42,6 +42,8 @@ def test_device_counts_of_the_shipped_files():
     assert device_count(cfg_on("6b", TPU).cluster) == 64  # one v4 4x4x4 slice: 64 chips on 16 hosts
     two_slices = cfg_on("6b", TPU, **{"cluster.workers": 32}).cluster
     assert device_count(two_slices) == 128
+    per_chip = cfg_on("6b", TPU, **{"cluster.workers": 64, "cluster.resources_per_worker": {"TPU": 1}}).cluster
+    assert device_count(per_chip) == 64  # one worker per chip: still one slice
     assert accelerator_for(cfg_on("6b", GPU).cluster).name == "A100-80G"
     assert accelerator_for(cfg_on("6b", TPU, **{"cluster.accelerator_type": "TPU-V5LITEPOD",
                                                 "cluster.topology": "4x4", "cluster.workers": 4}).cluster).name == "TPU-V5E"
