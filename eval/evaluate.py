@@ -171,11 +171,13 @@ def evaluate(model: nn.Module, tasks: Sequence[Task], schemes: Sequence[str] = (
              kl_batches: Optional[Sequence[torch.Tensor]] = None, batch_size: int = 16, policy: Any = None,
              bootstrap_samples: int = 1000, confidence: float = 0.95, seed: int = 0,
              quantizer: Optional[Quantizer] = None, diagnostics: bool = False,
-             diagnostic_batches: Optional[Sequence[torch.Tensor]] = None, progress: Progress = None) -> EvalResult:
+             diagnostic_batches: Optional[Sequence[torch.Tensor]] = None, progress: Progress = None,
+             encoded: Optional[dict] = None) -> EvalResult:
     """Score `model` (FP) and a quantized copy per scheme on `tasks`; see the module docstring.
 
     `kl_batches`: held-out token tensors (B, T) for KL(FP || Q) and top-1 agreement.
     `quantizer`: (model, scheme) -> quantized copy; defaults to rayq.kernels on a deep copy.
+    `encoded`: a dict to cache the tasks' token requests in across calls (the train-loop hook).
     """
     t0 = time.perf_counter()
     if tasks and tokenizer is None:
@@ -185,7 +187,11 @@ def evaluate(model: nn.Module, tasks: Sequence[Task], schemes: Sequence[str] = (
     quantizer = quantizer or default_quantizer(kl_batches[:2] if kl_batches else None)
     max_len = model_max_len(model)
     tok = as_tokenizer(tokenizer) if tokenizer is not None else None
-    encoded = {t.name: encode_task(t, tok, max_len) for t in tasks}
+    encoded = {} if encoded is None else encoded
+    for t in tasks:
+        if (t.name, max_len) not in encoded:
+            encoded[(t.name, max_len)] = encode_task(t, tok, max_len)
+    encoded = {t.name: encoded[(t.name, max_len)] for t in tasks}
     fp = {}
     for t in tasks:
         _say(progress, f"eval: {t.name} ({len(t)} items) [fp]")
@@ -304,12 +310,13 @@ def make_eval_hook(cfg: Any, data: Any = None, *, inputs: Optional[EvalInputs] =
     if quantizer is None:
         check_schemes(cfg.eval.schemes)
     e = cfg.eval
+    cache: dict = {}  # the tasks' token requests, tokenized at the first eval step only
 
     def hook(model: nn.Module, step: int, policy: Any = None) -> dict:
         result = evaluate(model, inputs.tasks, e.schemes, tokenizer=inputs.tokenizer, kl_batches=inputs.kl_batches,
                           batch_size=e.batch_size, policy=policy, bootstrap_samples=e.bootstrap_samples,
                           confidence=e.confidence, seed=0, quantizer=quantizer, diagnostics=e.diagnostics,
-                          progress=progress)
+                          progress=progress, encoded=cache)
         metrics = result.metrics()
         metrics["eval/seconds"] = float(result.seconds)
         return metrics

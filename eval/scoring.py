@@ -164,14 +164,23 @@ def score_tokens(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seque
                 x[b, :len(inp)] = torch.tensor(inp, dtype=torch.long)
             with autocast():
                 logits = model(x.to(device))
-            for b, (i, inp, cont) in enumerate(chunk):
+            # only the scored positions are normalized: (tokens scored, V), not (B, T, V) — matters
+            # for a 51200 vocabulary; per-request sums by index_add, one device->host copy per batch
+            b_idx, t_idx, targets = [], [], []
+            for b, (_, inp, cont) in enumerate(chunk):
                 n = len(cont)
-                rows = logits[b, len(inp) - n:len(inp)].float()  # (n, V): predictions of the continuation
-                logp = F.log_softmax(rows, dim=-1)
-                target = torch.tensor(cont, device=rows.device)
-                ll = logp.gather(1, target[:, None]).sum().item()
-                greedy = bool((rows.argmax(-1) == target).all().item())
-                out[i] = TokenScore(ll, greedy, n)
+                b_idx += [b] * n
+                t_idx += range(len(inp) - n, len(inp))
+                targets += cont
+            dev = logits.device
+            rows = logits[torch.tensor(b_idx, device=dev), torch.tensor(t_idx, device=dev)].float()  # (N, V)
+            target = torch.tensor(targets, device=dev)
+            seg = torch.tensor(b_idx, device=dev)
+            tok_ll = F.log_softmax(rows, dim=-1).gather(1, target[:, None]).squeeze(1)
+            ll = torch.zeros(len(chunk), dtype=torch.float64, device=dev).index_add_(0, seg, tok_ll.double())
+            misses = torch.zeros(len(chunk), device=dev).index_add_(0, seg, (rows.argmax(-1) != target).float())
+            for (i, _, cont), value, miss in zip(chunk, ll.cpu().tolist(), misses.cpu().tolist()):
+                out[i] = TokenScore(value, miss == 0, len(cont))
             tick(start + len(chunk))
     return out  # type: ignore[return-value]
 
