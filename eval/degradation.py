@@ -127,6 +127,8 @@ def kl_agreement(fp_model: nn.Module, q_models: Mapping[str, nn.Module], batches
         for x in batches:
             with autocast():
                 fp_logits = fp_model(x.to(model_device(fp_model))).float()
+            if fp_logits.device.type == "xla":  # float64 KL on the host: TPUs have no fast float64
+                fp_logits = fp_logits.cpu()
             tokens += x.numel()
             for name, qm in q_models.items():
                 with autocast():

@@ -177,7 +177,8 @@ def score_tokens(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seque
             target = torch.tensor(targets, device=dev)
             seg = torch.tensor(b_idx, device=dev)
             tok_ll = F.log_softmax(rows, dim=-1).gather(1, target[:, None]).squeeze(1)
-            ll = torch.zeros(len(chunk), dtype=torch.float64, device=dev).index_add_(0, seg, tok_ll.double())
+            acc = torch.float32 if dev.type == "xla" else torch.float64  # TPUs have no fast float64
+            ll = torch.zeros(len(chunk), dtype=acc, device=dev).index_add_(0, seg, tok_ll.to(acc))
             misses = torch.zeros(len(chunk), device=dev).index_add_(0, seg, (rows.argmax(-1) != target).float())
             for (i, _, cont), value, miss in zip(chunk, ll.cpu().tolist(), misses.cpu().tolist()):
                 out[i] = TokenScore(value, miss == 0, len(cont))
