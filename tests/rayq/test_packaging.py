@@ -1,0 +1,52 @@
+"""The rooms install as rayq.* subpackages, never as top-level `kernels`, `eval`, `search`, `cluster`."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ROOMS = ("kernels", "eval", "search", "cluster")
+
+
+def _probe(cwd: Path, path_entry: str | None = None) -> str:
+    code = ("import importlib.util, sys\n"
+            + (f"sys.path.insert(0, {path_entry!r})\n" if path_entry else "")
+            + f"print([m for m in {ROOMS!r} if importlib.util.find_spec(m) is not None])\n"
+            + f"import rayq.kernels, rayq.eval, rayq.search, rayq.cluster\n"
+            + "print(rayq.kernels.__name__, rayq.eval.__name__)\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def test_editable_install_has_no_top_level_rooms(tmp_path):
+    out = _probe(tmp_path)  # outside the checkout, so only installed packages are visible
+    assert out.splitlines()[0] == "[]"
+    assert "rayq.kernels rayq.eval" in out
+
+
+@pytest.mark.slow
+def test_pip_install_dot_maps_the_rooms(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT)], check=True)
+    installed = sorted(p.name for p in target.iterdir() if not p.name.endswith((".dist-info", ".egg-info")))
+    assert not set(ROOMS) & set(installed), installed
+    for room in ROOMS:
+        assert (target / "rayq" / room / "__init__.py").exists()
+    assert (target / "rayq" / "presets" / "tiny.yaml").exists()
+    out = _probe(tmp_path, str(target))
+    assert out.splitlines()[0] == "[]"
+
+
+def test_help_is_fast_and_lists_commands():
+    rayq = Path(sys.executable).with_name("rayq")
+    t0 = time.perf_counter()
+    out = subprocess.run([str(rayq), "--help"], capture_output=True, text=True, check=True).stdout
+    assert time.perf_counter() - t0 < 1.0
+    for name in ("train", "search", "eval", "data", "ls", "validate", "bench", "export", "report"):
+        assert f"  {name}" in out
+    code = "import sys, rayq.cli; rayq.cli.main(['--help']); print('torch' in sys.modules, 'ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split()[-2:] == \
+        ["False", "False"]
