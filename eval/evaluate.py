@@ -110,8 +110,8 @@ class EvalResult:
             accs.append(s.score)
             if s.kind == LAST_WORD:
                 out[f"{prefix}/{name}/ppl"] = s.metrics["ppl"]
-        if accs:
-            out[f"{prefix}/acc"] = float(np.mean(accs))
+        # always present (NaN without accuracy tasks): the search's objectives need every key in every report
+        out[f"{prefix}/acc"] = float(np.mean(accs)) if accs else float("nan")
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -126,11 +126,11 @@ class EvalResult:
                 out[f"{p}/degradation_pct"] = d.estimate if d else nan
                 out[f"{p}/degradation_pct_ci_low"] = d.low if d else nan
                 out[f"{p}/degradation_pct_ci_high"] = d.high if d else nan
-            if r.kl is not None:
-                out[f"{p}/kl"] = r.kl.kl
-                out[f"{p}/kl_se"] = r.kl.kl_se
-                out[f"{p}/top1_agree"] = r.kl.top1_agree
-                out[f"{p}/top1_agree_se"] = r.kl.top1_agree_se
+            k = r.kl  # NaN without held-out tokens, so the keys are there for the search either way
+            out[f"{p}/kl"] = k.kl if k else nan
+            out[f"{p}/kl_se"] = k.kl_se if k else nan
+            out[f"{p}/top1_agree"] = k.top1_agree if k else nan
+            out[f"{p}/top1_agree_se"] = k.top1_agree_se if k else nan
         if self.diagnostics is not None:
             out.update(self.diagnostics.summary())
         return {k: float(v) for k, v in out.items()}
@@ -219,8 +219,8 @@ def evaluate(model: nn.Module, tasks: Sequence[Task], schemes: Sequence[str] = (
         interval = None
         if usable:
             interval = paired_bootstrap({n: fp[n].per_item[fp[n].primary] for n in usable},
-                                            {n: qs[n].per_item[qs[n].primary] for n in usable},
-                                            samples=bootstrap_samples, confidence=confidence, seed=seed)
+                                        {n: qs[n].per_item[qs[n].primary] for n in usable},
+                                        samples=bootstrap_samples, confidence=confidence, seed=seed)
         results[scheme] = SchemeResult(scheme, qs, interval, usable, kl, time.perf_counter() - ts)
     diag = None
     if diagnostics:
