@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast test-xla venv clean
 
 # The venv is (re)installed when pyproject.toml changes. torch is pinned to the CPU build
 # (torch==2.13.0) in pyproject.toml: a looser pin would pull a multi-GB CUDA build.
@@ -28,6 +28,11 @@ test: $(STAMP)
 # Fast unit tests only (no Ray, no corpus download): the inner loop while developing.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The TPU path on XLA:CPU: its own cached venv (torch 2.9.0 + torch-xla 2.9.0, outside the
+# checkout: ~/.cache/rayq/xla-venv; ~5 min and ~8 GB the first time), then the xla-marked tests.
+test-xla:
+	cluster/xla_lane.sh
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -9,8 +9,6 @@ host-side coordination) and runs the device side through torch-xla itself.
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Any
 
 from rayq.errors import UserError
@@ -30,14 +28,29 @@ def check(cluster: ClusterConfig) -> None:
         raise UserError("cluster.gpus_per_worker: expected > 0 when cluster.device is gpu")
 
 
-def tpu_hosts(topology: str, accelerator_type: str) -> int:
-    """Hosts in a TPU slice: chips / chips-per-host (4 on v4/v5p/v6e hosts, 8 for v5e 2x4 hosts)."""
+# Ray's TPU names: v5e is "v5litepod" there (TPU-V5E would fail ScalingConfig's validation)
+_RAY_TPU_NAMES = {"TPU-V5E": "TPU-V5LITEPOD", "V5E": "TPU-V5LITEPOD"}
+
+
+def ray_tpu_type(accelerator_type: str) -> str:
+    name = accelerator_type.upper()
+    return _RAY_TPU_NAMES.get(name, name if name.startswith("TPU-") else f"TPU-{name}")
+
+
+def tpu_slice(topology: str, accelerator_type: str) -> tuple[int, int]:
+    """(hosts, chips per host) of one slice, as Ray Train places it (ray.util.tpu)."""
+    from ray.util.tpu import get_tpu_worker_resources
+
     try:
-        chips = math.prod(int(x) for x in topology.lower().split("x"))
-    except ValueError:
-        raise UserError(f"cluster.topology={topology!r}: expected dimensions like 4x4 or 2x2x4") from None
-    per_host = 8 if accelerator_type.upper().endswith("V5E") and chips >= 8 else 4
-    return max(1, chips // per_host)
+        hosts, per_host = get_tpu_worker_resources(topology, ray_tpu_type(accelerator_type))
+    except ValueError as exc:
+        raise UserError(f"cluster.topology={topology!r}, cluster.accelerator_type={accelerator_type!r}: {exc}") from None
+    return hosts, int(per_host["TPU"])
+
+
+def tpu_hosts(topology: str, accelerator_type: str) -> int:
+    """Hosts in a TPU slice (v4/v5p/v6e hosts have 4 chips; v5e: 1 host up to 2x4, then 4-chip hosts)."""
+    return tpu_slice(topology, accelerator_type)[0]
 
 
 def worker_resources(cluster: ClusterConfig) -> dict[str, float]:
@@ -53,8 +66,12 @@ def scaling_config(cluster: ClusterConfig) -> Any:
     check(cluster)
     kwargs: dict[str, Any] = {"num_workers": max(1, cluster.workers)}
     if cluster.device == "tpu":
-        kwargs.update(use_tpu=True, topology=cluster.topology, accelerator_type=cluster.accelerator_type,
-                      resources_per_worker={"CPU": cluster.cpus_per_worker, **cluster.resources_per_worker} or None)
+        _, chips = tpu_slice(cluster.topology, cluster.accelerator_type)
+        # one worker per host owns its chips (torch-xla SPMD); resources_per_worker: {TPU: 1} and
+        # workers = chips gives one worker per chip (torch-xla multiprocess + DDP)
+        res = {"CPU": cluster.cpus_per_worker, "TPU": chips, **cluster.resources_per_worker}
+        kwargs.update(use_tpu=True, topology=cluster.topology, accelerator_type=ray_tpu_type(cluster.accelerator_type),
+                      resources_per_worker=res)
     else:
         kwargs.update(use_gpu=cluster.device == "gpu", resources_per_worker=worker_resources(cluster))
     return ray.train.ScalingConfig(**kwargs)
@@ -63,8 +80,10 @@ def scaling_config(cluster: ClusterConfig) -> Any:
 def torch_config(cluster: ClusterConfig) -> Any:
     from ray.train.torch import TorchConfig
 
-    if cluster.device == "tpu":  # not tpu_dist: that backend needs torch_tpu, not torch-xla
-        return TorchConfig(backend="gloo")
+    if cluster.device == "tpu":  # not tpu_dist (needs Google's torch_tpu): rayq's torch-xla PJRT backend
+        from rayq.cluster.xla import XLAConfig
+
+        return XLAConfig.for_cluster(cluster)
     return TorchConfig(backend="nccl" if cluster.device == "gpu" else "gloo")
 
 
@@ -80,9 +99,8 @@ def setup_worker(cluster: ClusterConfig) -> Any:
         import ray.train.torch
 
         return ray.train.torch.get_device()
-    if cluster.device == "tpu":
-        os.environ.setdefault("PJRT_DEVICE", "TPU")
-        import torch_xla
+    if cluster.device == "tpu":  # PJRT env set by rayq.cluster.xla's backend; client created now
+        from rayq.cluster.xla import setup_worker as xla_setup_worker
 
-        return torch_xla.device()
+        return xla_setup_worker()
     return torch.device("cpu")

@@ -240,6 +240,14 @@ def resolve(
     return build(Config, tree)
 
 
+def get_dotted(cfg: Any, dotted: str) -> Any:
+    """The value at a dotted path of a config (`recipe.weight_decay`)."""
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def with_values(cfg: Config, values: Mapping[str, Any]) -> Config:
     """A copy of `cfg` with dotted-path values applied and re-validated."""
     tree = to_dict(cfg)

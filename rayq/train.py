@@ -260,28 +260,28 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
         with policy.autocast():
             logits = train_model(x)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss_value = loss.item()
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)  # unscale before clipping so the norm is the true one
         else:
             loss.backward()
         max_norm = cfg.recipe.grad_clip if cfg.recipe.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        grad_norm_t = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         if scaler is not None:
             scale_before = scaler.get_scale()
             scaler.step(optimizer)  # skipped internally when grads hold inf/NaN
             scaler.update()
             step_skipped = scaler.get_scale() < scale_before
         else:
+            # a non-finite loss ends the run below, before any checkpoint of this state
+            optimizer.step()
             step_skipped = False
-            if math.isfinite(loss_value):
-                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "xla":  # cut the lazy graph once per step (static shapes: compiled once)
+        if device.type == "xla":  # cut the lazy graph once per step, before reading any value back
             import torch_xla
 
             torch_xla.sync()
+        loss_value, grad_norm = loss.item(), float(grad_norm_t)
         step += 1
         skipped += int(step_skipped)
         consecutive_skips = consecutive_skips + 1 if step_skipped else 0

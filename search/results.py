@@ -46,12 +46,16 @@ def _clean(value: Any) -> Any:
     return str(value)
 
 
-def result_row(trial_id: str, trial_config: dict, result: dict) -> dict:
-    from rayq.search.tuner import recipe_values
+def result_row(trial_id: str, trial_config: dict, result: dict, base: Any, searched: Sequence[str]) -> dict:
+    """One results row. Every searched path is written with the trial's resolved value (the base
+    config's where the trial's point does not set it), so a null means null, never "not set"."""
+    from rayq.config import get_dotted
+    from rayq.search.tuner import trial_config_for
 
+    cfg = trial_config_for(base, trial_config)
     row: dict[str, Any] = {"trial_id": trial_id, "recipe_id": trial_id, "time": time.time()}
-    for path, value in recipe_values(trial_config).items():
-        row[f"config/{path}"] = _clean(value)
+    for path in searched:
+        row[f"config/{path}"] = _clean(get_dotted(cfg, path))
     for key, value in result.items():
         if key in ("config", "trial_id") or isinstance(value, dict):
             continue

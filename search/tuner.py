@@ -199,14 +199,16 @@ class CompletedOnlyOptunaSearch(OptunaSearch):
 class ResultsWriter(Callback):
     """Keeps `DIR/results.parquet` current as the search runs (see rayq.search.results)."""
 
-    def __init__(self, out_dir: str | Path):
+    def __init__(self, out_dir: str | Path, base: Config, searched: list[str]):
         self.out_dir = Path(out_dir)
+        self.base, self.searched = base, searched
         self.path = self.out_dir / results_io.RESULTS
         self.rows: list[dict] = results_io.read_rows(self.out_dir) if self.path.exists() else []
         self._last_flush = 0.0
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.rows.append(results_io.result_row(trial.trial_id, dict(trial.config), dict(result)))
+        self.rows.append(results_io.result_row(trial.trial_id, dict(trial.config), dict(result), self.base,
+                                               self.searched))
         if time.time() - self._last_flush >= results_io.FLUSH_SECONDS:
             self.flush()
 
@@ -282,7 +284,7 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> Sea
                 max_concurrent_trials=cfg.search.max_concurrent),
             run_config=ray.tune.RunConfig(
                 name="tune", storage_path=storage_for(cfg, out_dir),
-                callbacks=[ResultsWriter(out_dir)],
+                callbacks=[ResultsWriter(out_dir, cfg, checked.space.searched_paths())],
                 failure_config=ray.tune.FailureConfig(max_failures=1),
                 progress_reporter=CLIReporter(metric_columns=["step", "train/loss", *names],
                                               max_report_frequency=30)))
