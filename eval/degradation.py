@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rayq.eval.scoring import eval_mode, model_device
+from rayq.eval.scoring import eval_mode, model_device, no_grad_for
 
 
 def degradation(fp: Mapping[str, float], q: Mapping[str, float], tasks: Optional[Sequence[str]] = None) -> float:
@@ -107,7 +107,6 @@ def token_kl(fp_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
 
 
-@torch.inference_mode()
 def kl_agreement(fp_model: nn.Module, q_models: Mapping[str, nn.Module], batches: Sequence[torch.Tensor], *,
                  policy: Any = None) -> dict[str, KLStats]:
     """KL(FP || Q) and top-1 agreement for every Q model, one FP forward per batch.
@@ -121,6 +120,7 @@ def kl_agreement(fp_model: nn.Module, q_models: Mapping[str, nn.Module], batches
     agree_seq: dict[str, list] = {k: [] for k in q_models}
     tokens = 0
     with contextlib.ExitStack() as stack:
+        stack.enter_context(no_grad_for(model_device(fp_model)))
         stack.enter_context(eval_mode(fp_model))
         for m in q_models.values():
             stack.enter_context(eval_mode(m))

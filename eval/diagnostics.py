@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from rayq.eval.scoring import eval_mode, model_device
+from rayq.eval.scoring import eval_mode, model_device, no_grad_for
 
 _LINEAR = re.compile(r"^blocks\.(\d+)\.(attn\.qkv|attn\.out|mlp\.fc_in|mlp\.fc_out)$")
 _LAYERNORM = re.compile(r"^(blocks\.(\d+)\.(ln_attn|ln_mlp)|ln_f)$")
@@ -159,7 +159,6 @@ def _outliers(stats: Sequence[_SiteStats], attr: str, rule: str, threshold: floa
     return OutlierReport(rule, threshold, layer_frac, token_frac, dims, affected.tolist())
 
 
-@torch.inference_mode()
 def analyze(model: nn.Module, batches: Sequence[torch.Tensor], *, threshold: float = 6.0, z: float = 6.0,
             layer_frac: float = 0.25, token_frac: float = 0.06, policy: Any = None,
             spectral_iters: int = 500) -> Diagnostics:
@@ -188,7 +187,7 @@ def analyze(model: nn.Module, batches: Sequence[torch.Tensor], *, threshold: flo
     autocast = policy.autocast if policy is not None else contextlib.nullcontext
     tokens = 0
     try:
-        with eval_mode(model):
+        with no_grad_for(model_device(model)), eval_mode(model):
             for x in batches:
                 with autocast():
                     model(x.to(model_device(model)))

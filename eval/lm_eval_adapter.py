@@ -71,10 +71,9 @@ def _build_class() -> type:
                 out.append(float(sum(s.logprob for s in self._score(windows))) if windows else 0.0)
             return out
 
-        @torch.inference_mode()
         def generate_until(self, requests, disable_tqdm: bool = False):
             """Greedy decoding (sampling arguments are ignored) until a stop string or max_gen_toks."""
-            from rayq.eval.scoring import eval_mode, model_device
+            from rayq.eval.scoring import eval_mode, model_device, no_grad_for
 
             out = []
             device = model_device(self.model)
@@ -89,7 +88,7 @@ def _build_class() -> type:
                     raise ValueError("generate_until: empty context and no EOS/BOS id")
                 new: list[int] = []
                 text = ""
-                with eval_mode(self.model):
+                with no_grad_for(device), eval_mode(self.model):
                     for _ in range(budget):
                         x = torch.tensor([(ids + new)[-self.max_length:]], device=device)
                         with autocast():

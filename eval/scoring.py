@@ -107,6 +107,12 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def no_grad_for(device: torch.device):
+    """inference_mode where it is allowed; plain no_grad on XLA, whose F.linear rejects inference
+    tensors ("Cannot set version_counter for inference tensor")."""
+    return torch.no_grad() if device.type == "xla" else torch.inference_mode()
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """Dropout off while scoring; the caller's train/eval state is restored (the train loop's model)."""
@@ -129,7 +135,6 @@ def _progress_every(progress: Progress, total: int, label: str, seconds: float =
     return tick
 
 
-@torch.inference_mode()
 def score_tokens(model: nn.Module, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                  batch_size: int = 16, max_len: Optional[int] = None, policy: Any = None,
                  progress: Progress = None, label: str = "scoring") -> list[TokenScore]:
@@ -155,7 +160,7 @@ def score_tokens(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seque
     out: list[Optional[TokenScore]] = [None] * len(requests)
     tick = _progress_every(progress, len(order), label)
     autocast = policy.autocast if policy is not None else contextlib.nullcontext
-    with eval_mode(model):
+    with no_grad_for(device), eval_mode(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             width = len(chunk[0][1])
