@@ -7,8 +7,9 @@ points are spread along it rather than bunched at one end. NSGA-II's crowding di
 offered as the alternative tie-break.
 
 Differences from Syne Tune, on purpose:
-- objectives are min-max normalised over the compared rows before distances are taken (accuracy
-  in points and KL in nats differ by orders of magnitude; raw distances would ignore KL);
+- objectives are min-max normalised over the front being ordered before distances are taken
+  (accuracy in points and KL in nats differ by orders of magnitude; raw distances would ignore
+  KL, and scaling over all rows would let one far-off row flatten the front);
 - the epsilon-net seed is the best row on the first objective, never a random one, so a
   decision is reproducible from the recorded results (needed for resume and tests);
 - rows with a missing or NaN objective are never on a front: they are ranked after every
@@ -36,6 +37,9 @@ __all__ = [
     "select_top",
     "ranks_of",
 ]
+
+
+TIE_BREAKS = ("epsilon", "crowding", "knee")
 
 
 def _records(rows: Any) -> list[Mapping[str, Any]]:
@@ -160,22 +164,28 @@ def epsilon_net_order(Y: np.ndarray, seed_dim: int = 0) -> list[int]:
 def priority_order(Y: np.ndarray, tie_break: str = "epsilon") -> list[int]:
     """Row indices best first: by front, inside a front by `tie_break`; NaN rows last.
 
-    tie_break: "epsilon" (epsilon-net, MOASHA) or "crowding" (larger crowding distance first).
+    tie_break: "epsilon" (epsilon-net, MOASHA), "crowding" (larger crowding distance first) or
+    "knee" (closest to the front's utopia corner first, objectives min-max scaled over the front:
+    keeps the best trade-offs rather than the front's spread).
     """
     Y = np.asarray(Y, dtype=float)
     if Y.ndim == 1:
         Y = Y[:, None]
-    if tie_break not in ("epsilon", "crowding"):
-        raise ValueError(f"tie_break: expected 'epsilon' or 'crowding', got {tie_break!r}")
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break: expected one of {', '.join(TIE_BREAKS)}, got {tie_break!r}")
     ranks = nondominated_ranks(Y)
     ok = _finite_rows(Y)
-    Z = _normalise(Y)
     crowd = crowding_distance(Y) if tie_break == "crowding" else None
     out: list[int] = []
     for r in np.unique(ranks[ok]):
         members = np.flatnonzero((ranks == r) & ok)
         if tie_break == "epsilon":
-            out += [int(members[k]) for k in epsilon_net_order(Z[members])]
+            # scaled over the front itself: an outlier elsewhere (a dropout-0.8 run 15 points
+            # behind) must not squash the front's spread on one objective
+            out += [int(members[k]) for k in epsilon_net_order(_normalise(Y[members]))]
+        elif tie_break == "knee":
+            dist = np.linalg.norm(_normalise(Y[members]), axis=1)  # the utopia corner is 0 after scaling
+            out += [int(members[k]) for k in np.lexsort((members, dist))]
         else:
             # crowding first, then the first objective, then index: a total, reproducible order
             out += sorted(members.tolist(), key=lambda i: (-crowd[i], Y[i, 0], i))

@@ -47,7 +47,7 @@ import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from rayq.search.objectives import Constraint, Objective, parse_constraints, parse_objectives
-from rayq.search.pareto import nondominated_ranks, priority_order
+from rayq.search.pareto import TIE_BREAKS, nondominated_ranks, priority_order
 
 __all__ = ["MilestoneScheduler", "Decision"]
 
@@ -114,8 +114,8 @@ class MilestoneScheduler(FIFOScheduler):
             raise ValueError("milestones: expected positive step numbers")
         if not eta > 1:
             raise ValueError(f"eta: expected > 1, got {eta}")
-        if tie_break not in ("epsilon", "crowding"):
-            raise ValueError(f"tie_break: expected 'epsilon' or 'crowding', got {tie_break!r}")
+        if tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break: expected one of {', '.join(TIE_BREAKS)}, got {tie_break!r}")
         self.eta = float(eta)
         self.hard_limits: list[Constraint] = parse_constraints(list(hard_limits))
         self.time_attr = time_attr
@@ -252,12 +252,14 @@ class MilestoneScheduler(FIFOScheduler):
 
     def _recipe_of(self, trial: Any, result: Mapping[str, Any]) -> str:
         tid = str(trial.trial_id)
-        if tid in self._trial_recipe:
-            return self._trial_recipe[tid]
+        known = self._trial_recipe.get(tid)
+        if known is not None and known != tid:
+            return known  # an explicit recipe id, once seen, sticks
         rid = result.get(self.recipe_key)
         if rid is None:
             cfg = getattr(trial, "config", None) or {}
             rid = cfg.get(self.recipe_key) if isinstance(cfg, Mapping) else None
+        # no recipe id (yet): the trial is its own recipe; a later result may still name one
         rid = tid if rid is None else str(rid)
         self._trial_recipe[tid] = rid
         return rid

@@ -262,3 +262,11 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         MilestoneScheduler(OBJ, [100], tie_break="coin", verbose=False)
     assert math.isclose(MilestoneScheduler(OBJ, [200, 100, 100], verbose=False).milestones[0], 100)
+
+
+def test_recipe_id_arriving_with_the_first_result_after_on_trial_add():
+    s = sched()
+    t = T("x")
+    s.on_trial_add(None, t)  # Tune calls this before any result; the config names no recipe
+    s.on_trial_result(None, t, R(100, recipe_id="X"))
+    assert s.recipe_of("x") == "X" and "X" in s.rung(100)

@@ -1,0 +1,465 @@
+"""The search simulator: synthetic learning curves calibrated to the paper, run through Ray Tune.
+
+Multi-objective schedulers are judged on many searches, which real 6B training cannot afford
+(Syne Tune's simulator backend replays tabulated curves for the same reason). Here a Tune
+*function trainable* with no model reports, every 5000 "steps" of a 75000-step run, the metrics a
+real trial reports; there is no sleeping (virtual time: one report per Tune round trip).
+
+Calibration (Ahmadian et al. 2023, Table A.3, `PAPER_A3` below; the 13 rows are 11 recipes):
+- final FP accuracy (average over the 8 tasks) and final degradation (the "Average % Diff"
+  column, INT8 vs FP, negative = worse) of each recipe are the table's values at step 75000;
+- FP accuracy rises from ~chance along a log curve, `acc(t) = C + (A - C) g(t)/g(T)` with
+  `g(t) = log(1 + t/tau)`, tau = 2000 steps x (1 + dropout) (dropout slows learning);
+- degradation grows with steps and is visible by 15000 (the paper's Figure 3):
+  `deg(t) = D s(t)`, `s(t) = (1 - exp(-t/15000)) / (1 - exp(-T/15000))`, so s(15000) = 0.64;
+- noise, per trial (a seed): a persistent offset (sd 0.15 points on accuracy and on degradation,
+  scaled by the curve), a per-trial jitter of the curve's time constant (sd 10% in log), and
+  per-report evaluation noise (sd 0.10 points each). The paper ran each recipe once, so its
+  seed spread is unknown; these are of the order of the table's smallest gaps between recipes,
+  which is what makes ranking them non-trivial. `noise` scales all of it.
+- `ptq/<scheme>/kl` is reported as a monotone function of the measured degradation
+  (0.02 exp(-deg/2)), so `kl:min` ranks exactly as `degradation_pct:max`.
+
+"True best" (documented in bench.py too): the noise-free Pareto front of (final accuracy max,
+final degradation max) is {wd=0.001 gc=none, wd=0.1 gc=none, the bf16 wd=0.1 gc=1.0 control,
+bf16 wd=0.01 gc=1.0}; its knee (closest to the utopia point after min-max scaling over the
+front) is the paper's control recipe (bf16, weight decay 0.1, clipping 1.0, no dropout) — the
+recipe the paper recommends. A search "recovers the true best" when its final front (over
+completed, never-stopped trials) contains the knee; containing any true-front recipe is
+reported beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from rayq.search.pareto import pareto_front
+from rayq.search.space import paper_axes_variants, recipe_label
+
+__all__ = [
+    "PAPER_A3",
+    "SimRecipe",
+    "paper_recipes",
+    "true_front",
+    "knee",
+    "trial_reports",
+    "simulated_trainable",
+    "OBJECTIVES",
+    "SCHEME",
+    "TOTAL_STEPS",
+    "REPORT_EVERY",
+]
+
+# (variant, FP average, Average % Diff) of Table A.3 (shared/reference/paper_table_a3.json)
+PAPER_A3: tuple[tuple[str, float, float], ...] = (
+    ("wd=0.1 (gc=none)", 65.99, -0.09),
+    ("wd=0.01 (gc=none)", 65.92, -0.26),
+    ("wd=0.001 (gc=none)", 66.21, -1.36),
+    ("dtype=bf16 (wd=0.1)", 65.93, 0.32),
+    ("dtype=fp16 (wd=0.1)", 64.89, -0.76),
+    ("dtype=bf16 (wd=0.01)", 65.42, 0.77),
+    ("dtype=fp16 (wd=0.01)", 64.91, -1.73),
+    ("gc=1.0 (wd=0.001)", 65.37, 0.41),
+    ("gc=none (wd=0.001)", 66.21, -1.36),
+    ("dropout=0.0", 65.93, 0.32),
+    ("dropout=0.1", 64.96, 0.31),
+    ("dropout=0.4", 64.17, -0.27),
+    ("dropout=0.8", 51.17, -0.57),
+)
+
+SCHEME = "w8a8-vectorwise"
+ACC, DEG, KL = "fp/acc", f"ptq/{SCHEME}/degradation_pct", f"ptq/{SCHEME}/kl"
+OBJECTIVES = [f"{ACC}:max", f"{DEG}:max"]
+TOTAL_STEPS = 75000
+REPORT_EVERY = 5000
+CHANCE = 40.0  # accuracy at step 0, averaged over the 8 tasks (roughly their chance levels)
+TAU_ACC = 2000.0
+TAU_DEG = 15000.0
+SD_SEED = 0.15
+SD_EVAL = 0.10
+SD_TAU = 0.10
+CI_HALF = 0.6  # reported half-width of the degradation CI (paired bootstrap over 8 tasks)
+WEIGHT = 1.0  # the single-metric baseline maximises acc + WEIGHT * degradation_pct (both in points)
+
+
+@dataclass(frozen=True)
+class SimRecipe:
+    recipe_id: str
+    point: dict
+    acc: float  # final FP accuracy (points)
+    deg: float  # final Average % Diff (points; negative = INT8 worse)
+    labels: tuple
+
+
+def paper_recipes() -> list[SimRecipe]:
+    """The 11 distinct recipes of the paper-axes grid with their Table A.3 finals."""
+    scores = {v: (a, d) for v, a, d in PAPER_A3}
+    out: dict[str, SimRecipe] = {}
+    for label, point in paper_axes_variants():
+        rid = recipe_label(point)
+        a, d = scores[label]
+        if rid in out:
+            if (out[rid].acc, out[rid].deg) != (a, d):
+                raise AssertionError(f"Table A.3 rows {out[rid].labels} and {label!r} are one recipe but differ")
+            out[rid] = SimRecipe(rid, point, a, d, out[rid].labels + (label,))
+        else:
+            out[rid] = SimRecipe(rid, point, a, d, (label,))
+    return list(out.values())
+
+
+def true_front(recipes: Sequence[SimRecipe] | None = None) -> list[str]:
+    recipes = list(recipes or paper_recipes())
+    rows = [{ACC: r.acc, DEG: r.deg} for r in recipes]
+    return [recipes[i].recipe_id for i in pareto_front(rows, OBJECTIVES)]
+
+
+def knee(recipes: Sequence[SimRecipe] | None = None) -> str:
+    """The front member closest to the utopia point after min-max scaling over the front."""
+    recipes = list(recipes or paper_recipes())
+    front = [r for r in recipes if r.recipe_id in true_front(recipes)]
+    a = np.array([r.acc for r in front])
+    d = np.array([r.deg for r in front])
+    na = (a - a.min()) / max(a.max() - a.min(), 1e-12)
+    nd = (d - d.min()) / max(d.max() - d.min(), 1e-12)
+    return front[int(np.argmin((1 - na) ** 2 + (1 - nd) ** 2))].recipe_id
+
+
+def _seed(*parts: Any) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def trial_reports(
+    recipe: SimRecipe,
+    trial_seed: int,
+    noise: float = 1.0,
+    total_steps: int = TOTAL_STEPS,
+    every: int = REPORT_EVERY,
+) -> list[dict[str, float]]:
+    """Every report of one simulated trial (deterministic in `trial_seed`)."""
+    rng = np.random.default_rng(_seed("trial", recipe.recipe_id, trial_seed))
+    dropout = float(recipe.point.get("recipe.dropout", 0.0))
+    tau = TAU_ACC * (1 + dropout) * math.exp(noise * SD_TAU * rng.normal())
+    off_acc, off_deg = noise * SD_SEED * rng.normal(size=2)
+    g_end = math.log1p(total_steps / tau)
+    s_end = 1 - math.exp(-total_steps / TAU_DEG)
+    out = []
+    for step in range(every, total_steps + 1, every):
+        g = math.log1p(step / tau) / g_end
+        s = (1 - math.exp(-step / TAU_DEG)) / s_end
+        e_acc, e_deg = noise * SD_EVAL * rng.normal(size=2)
+        acc = CHANCE + (recipe.acc + off_acc - CHANCE) * g + e_acc
+        deg = (recipe.deg + off_deg) * s + e_deg
+        loss = 2.2 + 6.0 * (1 - g) + (recipe.acc - acc) * 0.01  # decorative; finite
+        out.append({
+            "step": step,
+            "train/loss": loss,
+            ACC: acc,
+            DEG: deg,
+            f"{DEG}_ci_low": deg - CI_HALF,
+            f"{DEG}_ci_high": deg + CI_HALF,
+            KL: 0.02 * math.exp(-deg / 2),
+            f"{KL}_se": 0.0005,
+            "weighted": acc + WEIGHT * deg,
+            "diverged": 0.0,
+        })
+    return out
+
+
+def simulated_trainable(config: Mapping[str, Any]) -> None:
+    """The Tune function trainable: replays one trial's reports through `ray.tune.report`.
+
+    config: {"sim": {"recipe_id", "trial_seed", "sim_seed", "strategy"}, "noise": float}.
+    """
+    from ray import tune
+
+    sim = config["sim"]
+    recipe = {r.recipe_id: r for r in paper_recipes()}[sim["recipe_id"]]
+    gate = config.get("gate")
+    if gate:
+        # virtual time: the first wave of a search starts together (a freshly started trial
+        # would otherwise replay all 15 reports before the next trial's actor is even up)
+        import ray
+
+        ray.get(ray.get_actor(gate["name"]).wait.remote(
+            f"{sim['strategy']}/{sim['sim_seed']}", int(gate["first_wave"]), float(gate["timeout_s"])))
+    for rep in trial_reports(recipe, int(sim["trial_seed"]), float(config.get("noise", 1.0))):
+        tune.report({**rep, "recipe_id": f"{sim['sim_seed']}/{recipe.recipe_id}", "sim_seed": sim["sim_seed"],
+                     "pid": os.getpid()})
+
+
+# ----------------------------------------------------------------------------- scoring a search
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    sim_seed: int
+    strategy: str
+    trial_steps: int  # steps reported by all trials (a stopped trial spent up to its last report)
+    grid_steps: int  # every recipe of the grid run to the end
+    completed: tuple  # recipe ids that ran to the end and were never stopped
+    front: tuple  # their Pareto front (by their final measured values)
+    has_knee: bool
+    has_true_front: bool
+
+    @property
+    def fraction(self) -> float:
+        return self.trial_steps / self.grid_steps
+
+
+def score_search(
+    sim_seed: int,
+    strategy: str,
+    finals: Sequence[Mapping[str, Any]],
+    stopped: Optional[set] = None,
+    total_steps: int = TOTAL_STEPS,
+) -> SearchOutcome:
+    """finals: the last result of every trial ({recipe_id, step, objectives...})."""
+    recipes = paper_recipes()
+    stopped = stopped or set()
+    spent = sum(int(f["step"]) for f in finals)
+    done = [f for f in finals
+            if int(f["step"]) >= total_steps and f["recipe_id"] not in stopped]
+    front_idx = pareto_front(done, OBJECTIVES)
+    front = tuple(sorted(str(done[i]["recipe_id"]).split("/")[-1] for i in front_idx))
+    return SearchOutcome(
+        sim_seed, strategy, spent, len(finals) * total_steps,
+        tuple(sorted(str(f["recipe_id"]).split("/")[-1] for f in done)), front,
+        knee(recipes) in front, bool(set(front) & set(true_front(recipes))),
+    )
+
+
+def grid_order(sim_seed: int) -> list[SimRecipe]:
+    """The grid in the order trials are started for one simulated search (shuffled per seed:
+    a fixed order would always start, and so always let through, the same recipes first)."""
+    recipes = paper_recipes()
+    rng = np.random.default_rng(_seed("order", sim_seed))
+    return [recipes[i] for i in rng.permutation(len(recipes))]
+
+
+def run_offline(scheduler: Any, sim_seed: int, strategy: str = "offline", max_concurrent: int = 8,
+                noise: float = 1.0) -> SearchOutcome:
+    """A Ray-free stand-in for Tune: lockstep virtual time, `max_concurrent` trials at once,
+    reports of one tick delivered in random order. For unit tests and quick exploration; the
+    benchmark figures come from real Tune (bench.py)."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(_seed("offline", sim_seed))
+    pending = [(SimpleNamespace(trial_id=f"{sim_seed}_{k}", config={}), iter(trial_reports(r, _seed(sim_seed, k), noise)),
+                r.recipe_id) for k, r in enumerate(grid_order(sim_seed))]
+    running: list = []
+    finals: list = []
+    stopped: set = set()
+    while pending or running:
+        while pending and len(running) < max_concurrent:
+            trial, it, rid = pending.pop(0)
+            scheduler.on_trial_add(None, trial)
+            running.append((trial, it, rid, {}))
+        for idx in rng.permutation(len(running)).tolist():
+            trial, it, rid, last = running[idx]
+            rep = next(it, None)
+            if rep is None:
+                last["done"] = True
+                continue
+            rep = {**rep, "recipe_id": rid}
+            last.update(rep)
+            if scheduler.on_trial_result(None, trial, rep) == "STOP":
+                last["done"] = True
+                if int(rep["step"]) < TOTAL_STEPS or getattr(scheduler, "is_stopped", lambda t: False)(trial.trial_id):
+                    stopped.add(rid) if int(rep["step"]) < TOTAL_STEPS else None
+        still = []
+        for trial, it, rid, last in running:
+            if last.get("done"):
+                scheduler.on_trial_complete(None, trial, last)
+                finals.append({k: v for k, v in last.items() if k != "done"})
+            else:
+                still.append((trial, it, rid, last))
+        running = still
+    return score_search(sim_seed, strategy, finals, stopped)
+
+
+# ----------------------------------------------------------------------------- through real Ray Tune
+
+STRATEGIES = ("mo-milestones", "no-stopping", "weighted-asha", "mo-15k")
+
+
+def make_scheduler(strategy: str, milestones: Sequence[int] = (5000, 15000, 45000), eta: float = 3.0,
+                   tie_break: str = "epsilon") -> Any:
+    """The scheduler of one simulated search (module level: Tune pickles the factory)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from rayq.search.scheduler import MilestoneScheduler
+
+    if strategy == "mo-milestones":
+        return MilestoneScheduler(OBJECTIVES, milestones, eta, tie_break=tie_break, verbose=False)
+    if strategy == "mo-15k":  # the paper's single milestone, the default of search.milestones
+        return MilestoneScheduler(OBJECTIVES, [15000], eta, tie_break=tie_break, verbose=False)
+    if strategy == "no-stopping":
+        return FIFOScheduler()
+    if strategy == "weighted-asha":  # Ray's ASHA on acc + WEIGHT * degradation_pct, same rungs
+        return ASHAScheduler(time_attr="step", metric="weighted", mode="max", max_t=TOTAL_STEPS,
+                             grace_period=int(min(milestones)), reduction_factor=eta)
+    raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+
+
+class _StartGate:
+    """A Ray actor (async): holds the first `first_wave` trials of each search until all arrived."""
+
+    def __init__(self):
+        self.count: dict[str, int] = {}
+        self.events: dict[str, Any] = {}
+
+    async def wait(self, key: str, first_wave: int, timeout_s: float) -> bool:
+        import asyncio
+
+        n = self.count[key] = self.count.get(key, 0) + 1
+        ev = self.events.setdefault(key, asyncio.Event())
+        if n > first_wave:
+            return True  # a later trial starts when a worker frees up: no waiting
+        if n == first_wave:
+            ev.set()
+        try:
+            await asyncio.wait_for(ev.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+def _search_mux_class():
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import FIFOScheduler
+
+    class SearchMux(FIFOScheduler):
+        """Many independent simulated searches in one Tune run: one scheduler per search (keyed by
+        the trial's strategy and sim seed), and at most `per_search` running trials per search,
+        as if each search had its own `per_search` workers. Starting Tune trial actors is what
+        costs time on 2 CPUs (~4 s each); one run lets Tune reuse them across searches."""
+
+        def __init__(self, factories: Mapping[str, Any], per_search: int):
+            super().__init__()
+            self.factories = dict(factories)
+            self.per_search = per_search
+            self.schedulers: dict[tuple, Any] = {}
+
+        @staticmethod
+        def key(trial: Any) -> tuple:
+            sim = trial.config["sim"]
+            return sim["strategy"], int(sim["sim_seed"])
+
+        def _of(self, trial: Any) -> Any:
+            k = self.key(trial)
+            if k not in self.schedulers:
+                self.schedulers[k] = self.factories[k[0]]()
+            return self.schedulers[k]
+
+        def on_trial_add(self, tc, trial):
+            self._of(trial).on_trial_add(tc, trial)
+
+        def on_trial_result(self, tc, trial, result):
+            return self._of(trial).on_trial_result(tc, trial, result)
+
+        def on_trial_complete(self, tc, trial, result):
+            self._of(trial).on_trial_complete(tc, trial, result)
+
+        def on_trial_error(self, tc, trial):
+            self._of(trial).on_trial_error(tc, trial)
+
+        def on_trial_remove(self, tc, trial):
+            self._of(trial).on_trial_remove(tc, trial)
+
+        def choose_trial_to_run(self, tc):
+            running: dict[tuple, int] = {}
+            trials = tc.get_trials()
+            for t in trials:
+                if t.status == Trial.RUNNING:
+                    running[self.key(t)] = running.get(self.key(t), 0) + 1
+            for t in trials:
+                if t.status == Trial.PENDING and running.get(self.key(t), 0) < self.per_search:
+                    return t
+            return None
+
+        def debug_string(self) -> str:
+            return f"SearchMux({len(self.schedulers)} searches)"
+
+    return SearchMux
+
+
+def run_tune(
+    strategies: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    milestones: Sequence[int] = (5000, 15000, 45000),
+    eta: float = 3.0,
+    tie_break: str = "epsilon",
+    per_search: int = 8,
+    searches_at_once: int = 3,
+    noise: float = 1.0,
+    storage: Optional[str] = None,
+    log: Any = None,
+) -> tuple[list[SearchOutcome], dict[str, Any]]:
+    """Run every (strategy, seed) search through one `Tuner.fit()`; score each search.
+
+    Each search is the paper-axes grid (Tune's grid search), started in a per-seed shuffled
+    order, with its own scheduler; trials of a seed see the same curves under every strategy
+    (common random numbers), so the strategies are compared on identical draws.
+    """
+    import functools
+    import tempfile
+    import time
+
+    import ray
+    from ray import tune
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    points = []
+    for seed in seeds:
+        for strategy in strategies:
+            for k, r in enumerate(grid_order(seed)):
+                points.append({"recipe_id": r.recipe_id, "trial_seed": _seed(seed, k), "sim_seed": seed,
+                               "strategy": strategy})
+    factories = {s: functools.partial(make_scheduler, s, tuple(milestones), eta, tie_break) for s in strategies}
+    mux = _search_mux_class()(factories, per_search)
+    storage = storage or tempfile.mkdtemp(prefix="rayq-bench-search-")
+    gate_name = f"rayq-sim-gate-{os.getpid()}-{time.time_ns()}"
+    gate = ray.remote(num_cpus=0)(_StartGate).options(name=gate_name).remote()
+    first_wave = min(per_search, len(paper_recipes()))
+    t0 = time.time()
+    tuner = tune.Tuner(
+        tune.with_resources(simulated_trainable, {"CPU": 0.1}),
+        param_space={"sim": tune.grid_search(points), "noise": noise,
+                     "gate": {"name": gate_name, "first_wave": first_wave, "timeout_s": 120.0}},
+        tune_config=tune.TuneConfig(scheduler=mux, max_concurrent_trials=per_search * searches_at_once,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name="sim", storage_path=storage, verbose=0),
+    )
+    grid = tuner.fit()
+    wall = time.time() - t0
+    ray.kill(gate)
+    finals: dict[tuple, list] = {}
+    stopped: dict[tuple, set] = {}
+    reports = 0
+    errors = 0
+    for res in grid:
+        if res.error is not None:
+            errors += 1
+            continue
+        sim = res.config["sim"]
+        k = (sim["strategy"], int(sim["sim_seed"]))
+        m = dict(res.metrics)
+        reports += int(m["step"]) // REPORT_EVERY
+        finals.setdefault(k, []).append(m)
+        if int(m["step"]) < TOTAL_STEPS:
+            stopped.setdefault(k, set()).add(m["recipe_id"])
+    info_pids = {m.get("pid") for ms in finals.values() for m in ms}
+    outcomes = [score_search(seed, strat, finals.get((strat, seed), []), stopped.get((strat, seed), set()))
+                for strat in strategies for seed in seeds]
+    info = {"wall_s": round(wall, 1), "trials": len(points), "reports": reports, "errors": errors,
+            "reports_per_s": round(reports / max(wall, 1e-9), 1), "storage": storage,
+            "trial_processes": len(info_pids)}
+    return outcomes, info
