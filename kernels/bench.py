@@ -212,7 +212,7 @@ def _have(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
 
 
-def run(quick: bool, repeats: int, compiled: bool) -> dict:
+def run(quick: bool, repeats: int, compiled: bool, shapes: Optional[list[tuple[int, int, int]]] = None, models: bool = True) -> dict:
     from rayq import allocator
 
     alloc = allocator.keep_pages()  # before any large tensor exists
@@ -229,18 +229,19 @@ def run(quick: bool, repeats: int, compiled: bool) -> dict:
             "compiled": compiled,
         },
     }
-    shapes = QUICK_SHAPES if quick else tuple((M, K, N) for M in FULL_M for K, N in FULL_KN)
+    if shapes is None:
+        shapes = list(QUICK_SHAPES if quick else ((M, K, N) for M in FULL_M for K, N in FULL_KN))
     result["linear"] = []
     for M, K, N in shapes:
         _log(f"linear M={M} K={K} N={N}")
         bf16_frozen = not quick and M >= 256 and K == N == 4096
         result["linear"].append(bench_linear(M, K, N, repeats, compiled, bf16_frozen))
     result["model"] = []
-    for name, cfg, batch in _model_configs(quick):
+    for name, cfg, batch in _model_configs(quick) if models else []:
         _log(f"model {name}")
         result["model"].append(bench_model(name, cfg, batch, max(3, repeats // 2 + 1), compiled))
     result["peers"] = None
-    if not quick and (_have("torchao") or _have("bitsandbytes")):
+    if not quick and models and (_have("torchao") or _have("bitsandbytes")):
         _log("peers (torchao / bitsandbytes)")
         result["peers"] = bench_peers(2048, 4096, 4096, repeats)
     result["targets"] = _targets(result)
@@ -282,14 +283,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="a small subset (smoke test): 2 shapes, a 2-layer model, eager only")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per candidate (median reported; default 7, quick 3)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd W8A8 path")
+    p.add_argument("--shape", action="append", default=None, metavar="MxKxN", help="only this linear shape (repeatable), e.g. 2048x4096x4096")
+    p.add_argument("--no-model", action="store_true", help="skip the whole-model forwards and the peers")
     p.add_argument("--kernel", choices=("s8s8", "u8s8"), default=None, help="CPU integer GEMM form for the W8A8 modules")
     args = p.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
     if repeats < 1:
         p.error("--repeats must be >= 1")
+    shapes = None
+    if args.shape:
+        try:
+            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shape]
+            assert all(len(t) == 3 and min(t) >= 1 for t in shapes)
+        except (ValueError, AssertionError):
+            p.error(f"--shape expects MxKxN with positive integers, got {args.shape}")
     if args.kernel:
         gemm.set_cpu_kernel(args.kernel)
-    result = run(quick=args.quick, repeats=repeats, compiled=not (args.quick or args.no_compile))
+    result = run(quick=args.quick, repeats=repeats, compiled=not (args.quick or args.no_compile), shapes=shapes, models=not args.no_model)
     print(json.dumps(result, indent=2) if args.json else _table(result))
     return 0
 
