@@ -25,6 +25,8 @@ _EXPORTS = {
     "Param": "space",
     "SearchSpace": "space",
     "parse_space": "space",
+    "validate_search": "space",
+    "validate_milestones": "space",
     "paper_axes_grid": "space",
     "paper_axes_variants": "space",
     "recipe_label": "space",

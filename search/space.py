@@ -123,6 +123,15 @@ class SearchSpace:
                     out.append(path)
         return out
 
+    def searched_paths(self) -> list[str]:
+        """Every dotted config path the space varies (the keys of `points` included), in order."""
+        out: list[str] = []
+        for p in self.params:
+            for path in ([k for v in p.values for k in v] if p.kind == POINTS else [p.path]):
+                if path not in out:
+                    out.append(path)
+        return out
+
     def to_tune(self) -> dict[str, Any]:
         """Ray Tune param space: {dotted path: tune domain} (imports ray)."""
         return {(TUNE_POINTS_KEY if p.kind == POINTS else p.path): p.tune_domain() for p in self.params}

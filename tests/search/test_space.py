@@ -101,6 +101,7 @@ def test_explicit_points():
     grid = s.grid(Config())
     assert len(grid) == 22 and grid[0] == {**paper_axes_grid()[0], "train.seed": 0}
     assert set(s.to_tune()) == {"recipe_grid", "train.seed"}
+    assert s.searched_paths() == list(PAPER_CONTROLS) + ["train.seed"]
     pts = [{"recipe.dropout": 0.1}, {"recipe.dropout": 0.2, "recipe.precision": "fp16"}]
     assert parse_space({"points": pts}).grid() == pts
     for bad, msg in [
