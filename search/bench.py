@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _stdout_to_stderr():  # Tune and raylet print banners on stdout: keep it JSON only
             outcomes, info = sim.run_tune(strategies, seeds, milestones=milestones, eta=args.eta,
                                           tie_break=args.tie_break, per_search=args.per_search, noise=args.noise)
-        info["runner"] = f"ray {ray.__version__} Tune, one Tuner.fit() for all searches"
+        info["runner"] = f"ray {ray.__version__} Tune, one Tuner.fit() per seed (all strategies in it)"
         info.pop("storage", None)
     result = {
         "benchmark": "search",

@@ -189,8 +189,7 @@ def simulated_trainable(config: Mapping[str, Any]) -> None:
         ray.get(ray.get_actor(gate["name"]).wait.remote(
             f"{sim['strategy']}/{sim['sim_seed']}", int(gate["first_wave"]), float(gate["timeout_s"])))
     for rep in trial_reports(recipe, int(sim["trial_seed"]), float(config.get("noise", 1.0))):
-        tune.report({**rep, "recipe_id": f"{sim['sim_seed']}/{recipe.recipe_id}", "sim_seed": sim["sim_seed"],
-                     "pid": os.getpid()})
+        tune.report({**rep, "recipe_id": f"{sim['sim_seed']}/{recipe.recipe_id}", "sim_seed": sim["sim_seed"]})
 
 
 # ----------------------------------------------------------------------------- scoring a search
@@ -397,18 +396,60 @@ def run_tune(
     eta: float = 3.0,
     tie_break: str = "epsilon",
     per_search: int = 8,
-    searches_at_once: int = 3,
+    searches_at_once: int = 1,
+    seeds_per_fit: int = 1,
     noise: float = 1.0,
-    storage: Optional[str] = None,
-    log: Any = None,
+    retries: int = 1,
 ) -> tuple[list[SearchOutcome], dict[str, Any]]:
-    """Run every (strategy, seed) search through one `Tuner.fit()`; score each search.
+    """Run every (strategy, seed) search through real Ray Tune; score each search.
 
-    Each search is the paper-axes grid (Tune's grid search), started in a per-seed shuffled
-    order, with its own scheduler; trials of a seed see the same curves under every strategy
-    (common random numbers), so the strategies are compared on identical draws.
+    One `Tuner.fit()` per `seeds_per_fit` seeds (all strategies of those seeds in it; a failed
+    fit is retried), one `ray.init` for all. Each search is the paper-axes grid (Tune's grid
+    search) started in a per-seed shuffled order with its own scheduler; trials of a seed see
+    the same curves under every strategy (common random numbers), so strategies are compared
+    on identical draws.
     """
+    import sys
+    import time
+
+    seeds = list(seeds)
+    t0 = time.time()
+    outcomes: list[SearchOutcome] = []
+    info = {"fits": 0, "fit_s": [], "trials": 0, "reports": 0, "errors": 0, "retries": 0}
+    for i in range(0, len(seeds), seeds_per_fit):
+        chunk = seeds[i:i + seeds_per_fit]
+        for attempt in range(retries + 1):
+            try:
+                got, fit = _fit_once(strategies, chunk, milestones, eta, tie_break, per_search,
+                                     searches_at_once, noise)
+                break
+            except Exception as exc:  # noqa: BLE001 - a dead raylet on a busy machine: start over
+                if attempt == retries:
+                    raise
+                info["retries"] += 1
+                print(f"[bench search] fit for seeds {chunk} failed ({exc!r:.200}); retrying", file=sys.stderr)
+                import ray
+
+                ray.shutdown()
+        outcomes += got
+        info["fits"] += 1
+        info["fit_s"].append(fit["wall_s"])
+        for k in ("trials", "reports", "errors"):
+            info[k] += fit[k]
+        done = ", ".join(f"{o.strategy} {o.fraction:.2f}{'*' if o.has_knee else ''}" for o in got)
+        print(f"[bench search] seeds {chunk} in {fit['wall_s']:.0f}s: {done}  (* = knee on the front)",
+              file=sys.stderr, flush=True)
+    wall = time.time() - t0
+    info["wall_s"] = round(wall, 1)
+    info["reports_per_s"] = round(info["reports"] / max(wall, 1e-9), 1)
+    info["fit_s_mean"] = round(float(np.mean(info["fit_s"])), 1)
+    del info["fit_s"]
+    return outcomes, info
+
+
+def _fit_once(strategies, seeds, milestones, eta, tie_break, per_search, searches_at_once, noise):
     import functools
+    import shutil
     import tempfile
     import time
 
@@ -425,26 +466,31 @@ def run_tune(
                                "strategy": strategy})
     factories = {s: functools.partial(make_scheduler, s, tuple(milestones), eta, tie_break) for s in strategies}
     mux = _search_mux_class()(factories, per_search)
-    storage = storage or tempfile.mkdtemp(prefix="rayq-bench-search-")
+    storage = tempfile.mkdtemp(prefix="rayq-bench-search-")
     gate_name = f"rayq-sim-gate-{os.getpid()}-{time.time_ns()}"
     gate = ray.remote(num_cpus=0)(_StartGate).options(name=gate_name).remote()
     first_wave = min(per_search, len(paper_recipes()))
     t0 = time.time()
-    tuner = tune.Tuner(
-        tune.with_resources(simulated_trainable, {"CPU": 0.1}),
-        param_space={"sim": tune.grid_search(points), "noise": noise,
-                     "gate": {"name": gate_name, "first_wave": first_wave, "timeout_s": 120.0}},
-        tune_config=tune.TuneConfig(scheduler=mux, max_concurrent_trials=per_search * searches_at_once,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(name="sim", storage_path=storage, verbose=0),
-    )
-    grid = tuner.fit()
-    wall = time.time() - t0
-    ray.kill(gate)
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(simulated_trainable, {"CPU": 0.1}),
+            param_space={"sim": tune.grid_search(points), "noise": noise,
+                         "gate": {"name": gate_name, "first_wave": first_wave, "timeout_s": 120.0}},
+            tune_config=tune.TuneConfig(scheduler=mux, max_concurrent_trials=per_search * searches_at_once,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(name="sim", storage_path=storage, verbose=0),
+        )
+        grid = tuner.fit()
+        wall = time.time() - t0
+    finally:
+        try:
+            ray.kill(gate)
+        except Exception:  # noqa: BLE001 - the cluster may be gone already
+            pass
+        shutil.rmtree(storage, ignore_errors=True)
     finals: dict[tuple, list] = {}
     stopped: dict[tuple, set] = {}
-    reports = 0
-    errors = 0
+    reports = errors = 0
     for res in grid:
         if res.error is not None:
             errors += 1
@@ -456,10 +502,6 @@ def run_tune(
         finals.setdefault(k, []).append(m)
         if int(m["step"]) < TOTAL_STEPS:
             stopped.setdefault(k, set()).add(m["recipe_id"])
-    info_pids = {m.get("pid") for ms in finals.values() for m in ms}
     outcomes = [score_search(seed, strat, finals.get((strat, seed), []), stopped.get((strat, seed), set()))
                 for strat in strategies for seed in seeds]
-    info = {"wall_s": round(wall, 1), "trials": len(points), "reports": reports, "errors": errors,
-            "reports_per_s": round(reports / max(wall, 1e-9), 1), "storage": storage,
-            "trial_processes": len(info_pids)}
-    return outcomes, info
+    return outcomes, {"wall_s": round(wall, 1), "trials": len(points), "reports": reports, "errors": errors}
