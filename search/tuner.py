@@ -203,8 +203,19 @@ class ResultsWriter(Callback):
         self.out_dir = Path(out_dir)
         self.base, self.searched = base, searched
         self.path = self.out_dir / results_io.RESULTS
+        self._load()
+
+    def _load(self) -> None:
         self.rows: list[dict] = results_io.read_rows(self.out_dir) if self.path.exists() else []
         self._last_flush = 0.0
+
+    def __getstate__(self) -> dict:
+        # Tune pickles callbacks once, when the experiment starts: the rows on disk are the truth
+        return {k: v for k, v in self.__dict__.items() if k != "rows"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._load()  # a restored search continues the table, it does not start it again
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.rows.append(results_io.result_row(trial.trial_id, dict(trial.config), dict(result), self.base,
