@@ -225,9 +225,6 @@ def test_int8_quantized_trained_model_on_xla_matches_cpu(runs, xla_device, kerne
 
 @pytest.mark.xla
 @needs_xla
-@pytest.mark.xfail(reason="eval/ scores under torch.inference_mode, which torch-xla rejects in F.linear "
-                          "('Cannot set version_counter for inference tensor'); needs torch.no_grad on xla",
-                   strict=False, raises=RuntimeError)  # XPASS once eval/ uses no_grad on xla: then drop this
 def test_eval_hook_on_xla(runs, xla_device, kernels):
     from rayq.eval import make_eval_hook
     from rayq.model import GPT
