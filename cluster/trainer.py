@@ -93,7 +93,27 @@ def train_worker(loop_config: dict) -> None:
         from rayq.eval import make_eval_hook
 
         evaluator = make_eval_hook(cfg, data)
-    train.run(cfg, RayTrainReporter(), data=data, evaluator=evaluator, device=device)
+    reporter = RayTrainReporter()
+    batches = ray_data_batches(cfg, reporter.world_size) if cfg.data.loader == "ray-data" else None
+    train.run(cfg, reporter, data=data, evaluator=evaluator, device=device, batches=batches)
+
+
+def ray_data_batches(cfg: Config, world_size: int) -> Any:
+    """This worker's batches from its Ray Data shard of the train split (`data.loader: ray-data`).
+
+    The shard's token rows are read once into memory and windowed by the same `TokenStream` as
+    the default loader, so order is seeded and the position resumes exactly; each worker sees
+    only its shard, so a run is not batch-for-batch equal to a 1-worker run.
+    """
+    import numpy as np
+    import ray.train
+
+    from rayq import data as data_io
+
+    shard = ray.train.get_dataset_shard("train")
+    parts = [data_io.tokens_from_arrow(t) for t in shard.iter_batches(batch_format="pyarrow", batch_size=None)]
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    return data_io.TokenStream(tokens, cfg.model.seq_len, cfg.recipe.batch_size // world_size, seed=cfg.train.seed)
 
 
 def _metrics_callback(run_dir: str) -> Any:
@@ -120,8 +140,17 @@ def build_trainer(cfg: Config, *, storage: str, name: str = CHECKPOINTS, evaluat
 
     from rayq.cluster import backends
 
+    datasets = None
+    if cfg.data.loader == "ray-data":
+        import ray.data
+
+        from rayq import data as data_io
+
+        files = data_io.open_prepared(data_dir).train_files() if data_dir else data_io.prepare(cfg).train_files()
+        datasets = {"train": ray.data.read_parquet(files, columns=["tokens"])}
     return TorchTrainer(
         train_worker,
+        datasets=datasets,
         train_loop_config={"config": config_io.to_dict(cfg), "evaluate": evaluate, "data_dir": data_dir},
         torch_config=backends.torch_config(cfg.cluster),
         scaling_config=backends.scaling_config(cfg.cluster),

@@ -93,6 +93,11 @@ class DataConfig:
     tokenizer_train_chars: int = 8_000_000  # characters sampled to train the tokenizer
     shard_tokens: int = 1_000_000  # tokens per Parquet shard
     max_train_tokens: Optional[int] = None  # cap on training tokens (null = all)
+    # How Ray Train workers read the train split. `tokens`: every worker reads the Parquet shards
+    # with pyarrow and takes its rows of each global batch (exact: N workers x B == 1 worker x NB).
+    # `ray-data`: `ray.data.read_parquet` + `get_dataset_shard`, each worker streams only its shard
+    # (for corpora larger than a node's memory; batches then differ from a 1-worker run).
+    loader: Literal["tokens", "ray-data"] = "tokens"
 
     def __post_init__(self) -> None:
         _check(0 <= self.heldout_fraction < 1, f"heldout_fraction: expected in [0, 1), got {self.heldout_fraction}")

@@ -71,3 +71,17 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, tiny_setup, tmp_p
     assert rows[-1]["step"] == 160
     resumed = {r["train/resumed_from"] for r in rows}
     assert max(resumed) >= 20, f"the run never resumed from a checkpoint: {resumed}"  # step_40 may not be committed yet
+
+
+def test_ray_data_loader_feeds_the_same_loop(ray_local, tiny_setup, tmp_path):
+    """`data.loader: ray-data`: 2 workers read their shards through Ray Data and train normally."""
+    from rayq.cluster.trainer import fit
+
+    base, _ = tiny_setup
+    cfg = config_io.with_values(base, {"recipe.steps": 6, "recipe.batch_size": 4, "train.checkpoint_every": 3,
+                                       "train.eval_every": 6, "data.loader": "ray-data",
+                                       "cluster.workers": 2, "cluster.cpus_per_worker": 0.5})
+    metrics = fit(cfg, tmp_path / "run")
+    assert metrics["step"] == 6 and metrics["train/loss"] < 7
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "checkpoint_path" in r] == [3, 6]
