@@ -115,15 +115,6 @@ class SearchSpace:
         return [p.path for p in self.params]
 
     def searched_paths(self) -> list[str]:
-        """Every dotted path a trial's values can set (the keys of `points` included), in order."""
-        out: list[str] = []
-        for p in self.params:
-            for path in ([k for v in p.values for k in v] if p.kind == POINTS else [p.path]):
-                if path not in out:
-                    out.append(path)
-        return out
-
-    def searched_paths(self) -> list[str]:
         """Every dotted config path the space varies (the keys of `points` included), in order."""
         out: list[str] = []
         for p in self.params:
