@@ -7,7 +7,7 @@ One verb, many configs (torchao): each scheme type has a handler registered with
 Quantized modules are for inference: their weights are int8 buffers (no gradients), the forward
 runs under no_grad, and `backend` picks the arithmetic:
 - "auto": the device's integer kernel; on CPU/CUDA the compiled (fused quantize/dequant) form
-  when a call is big enough to repay it (M*K*N >= AUTO_COMPILE_WORK), eager otherwise;
+  when a call is big enough to repay it (see AUTO_COMPILE_WORK), eager otherwise;
 - "eager" / "compiled": force one form;
 - "reference": the fp64 path of the same math (`rayq.kernels.gemm.*_reference`), the yardstick.
 """
@@ -42,9 +42,12 @@ Tensor = torch.Tensor
 # the block linears of rayq.model.GPT (kernels may not import rayq; rayq.model.BLOCK_LINEARS is the source)
 DEFAULT_SUFFIXES = ("attn.qkv", "attn.out", "mlp.fc_in", "mlp.fc_out")
 BACKENDS = ("auto", "eager", "compiled", "reference")
-# below ~1 GMAC per call the compiled form's fusion saves less than its guard/launch overhead
-# (and tiny test models never pay the compile time)
-AUTO_COMPILE_WORK = 2**30
+# "auto" compiles when a call has >= AUTO_COMPILE_MIN_ROWS tokens and >= AUTO_COMPILE_WORK
+# multiply-adds: measured here, the fused form beat eager from 256x1024x1024 up and lost at M=1
+# (Dynamo guards + launch cost more than the passes they save); tiny test models stay eager and
+# never pay the compile time.
+AUTO_COMPILE_WORK = 2**28
+AUTO_COMPILE_MIN_ROWS = 32
 FORMAT = "rayq.kernels.quantized/1"
 META_KEY = "__rayq_quant_meta__"
 SMOOTH_EPS = 1e-5  # SmoothQuant's floor for channel maxima and factors (dead channels stay finite)
@@ -108,10 +111,12 @@ class QuantLinear(QuantModule):
         return out.to(x.dtype).reshape(*lead, self.out_features)
 
     def _use_compiled(self, x: Tensor) -> bool:
+        if x.device.type not in ("cpu", "cuda"):  # XLA traces and fuses the graph itself
+            return False
         if self.backend == "compiled":
             return True
         work = x.shape[0] * self.in_features * self.out_features
-        return self.backend == "auto" and x.device.type in ("cpu", "cuda") and work >= AUTO_COMPILE_WORK
+        return self.backend == "auto" and x.shape[0] >= AUTO_COMPILE_MIN_ROWS and work >= AUTO_COMPILE_WORK
 
     def _fast(self, x: Tensor) -> Tensor:
         raise NotImplementedError
