@@ -163,7 +163,8 @@ def _stdout_to_stderr():
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):  # when sys.stdout is not fd 1 (pytest, notebooks)
+            yield
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
