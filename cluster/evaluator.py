@@ -17,6 +17,7 @@ from rayq.schema import Config
 def _evaluate_one(cfg_dict: dict, checkpoint: Any) -> dict:
     import socket
 
+    import ray
     import torch
 
     from rayq import checkpoint as ckpt_io
@@ -36,14 +37,19 @@ def _evaluate_one(cfg_dict: dict, checkpoint: Any) -> dict:
     hook = make_eval_hook(cfg, data_io.prepare(cfg))
     metrics = hook(model, int(state["trainer"]["step"]), policy)
     metrics["eval/node"] = socket.gethostname()
+    metrics["eval/node_id"] = ray.get_runtime_context().get_node_id()  # hostnames repeat when nodes share a machine
     return metrics
 
 
 def evaluate_checkpoints(cfg: Config, checkpoints: list) -> list[dict]:
     """Evaluate Ray Train checkpoints in parallel tasks placed by `cluster.evaluator_resources`."""
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     res = dict(cfg.cluster.evaluator_resources)
-    options: dict[str, Any] = {"num_cpus": res.pop("CPU", 1), "num_gpus": res.pop("GPU", 0), "resources": res}
+    # placement_group=None: not inside the calling Tune trial's placement group (it captures child
+    # tasks, and its bundle has no evaluator resources), but on whichever node owns them
+    options: dict[str, Any] = {"num_cpus": res.pop("CPU", 1), "num_gpus": res.pop("GPU", 0), "resources": res,
+                               "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
     task = ray.remote(_evaluate_one).options(**options)
     return ray.get([task.remote(config_io.to_dict(cfg), ck) for ck in checkpoints])

@@ -47,6 +47,7 @@ class RayTrainReporter:
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.node_id = ray.get_runtime_context().get_node_id()  # hostnames repeat when nodes share a machine
         self._restored: Optional[str] = None
 
     def new_checkpoint_dir(self, step: int) -> Path:
@@ -55,6 +56,7 @@ class RayTrainReporter:
     def report(self, metrics: dict, checkpoint: Optional[Path] = None) -> Optional[Path]:
         import ray.train
 
+        metrics = {**metrics, "train/node_id": self.node_id}  # which node trained (it changes after a restart)
         ckpt = None
         if checkpoint is not None and self.rank == 0:
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint))
