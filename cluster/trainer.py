@@ -58,9 +58,11 @@ class RayTrainReporter:
 
         metrics = {**metrics, "train/node_id": self.node_id}  # which node trained (it changes after a restart)
         ckpt = None
-        if checkpoint is not None and self.rank == 0:
+        # rank 0 always holds the checkpoint; a sharded one (FSDP) has shard files on every rank,
+        # and Ray Train merges the directories every rank reports into one checkpoint
+        if checkpoint is not None and (self.rank == 0 or any(Path(checkpoint).iterdir())):
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint))
-        # every rank reports (it is a barrier); only rank 0's metrics and files are kept
+        # every rank reports (it is a barrier); only rank 0's metrics are kept
         ray.train.report(metrics, checkpoint=ckpt,
                          checkpoint_dir_name=f"step_{metrics['step']}" if checkpoint is not None else None)
         if checkpoint is not None:

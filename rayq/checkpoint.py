@@ -6,6 +6,10 @@ Layout of `step_N/`:
   trainer.pt    step, loss-scaler state, RNG states, data position, counters
   config.yaml   the resolved config (so a checkpoint alone says what produced it)
 
+A sharded checkpoint (FSDP runs, `rayq.sharding`) has `.metadata` and `__<rank>_0.distcp`
+(torch.distributed.checkpoint) in place of model.pt / optim.pt; `load` reads it as a full,
+unsharded state dict, so everything that reads a checkpoint works on both layouts.
+
 Writers build the directory under a temporary name next to its destination and rename it in one
 step, so a killed run leaves either the old checkpoint or the new one, never half of one.
 Everything is loaded with `torch.load(weights_only=True)`: a checkpoint cannot run code.
@@ -30,12 +34,14 @@ FILES = ("model.pt", "optim.pt", "trainer.pt", "config.yaml")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def write(directory: str | os.PathLike, *, model_state: dict, optim_state: Optional[dict],
+def write(directory: str | os.PathLike, *, model_state: Optional[dict], optim_state: Optional[dict],
           trainer_state: dict, cfg: Config) -> None:
-    """Write checkpoint files into an existing (staging) directory."""
+    """Write checkpoint files into an existing (staging) directory (model_state None: the model
+    and optimizer are in sharded DCP files written beside these)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    torch.save(model_state, d / "model.pt")
+    if model_state is not None:
+        torch.save(model_state, d / "model.pt")
     if optim_state is not None:
         torch.save(optim_state, d / "optim.pt")
     torch.save(trainer_state, d / "trainer.pt")
@@ -78,10 +84,31 @@ def load(directory: str | os.PathLike, *, with_optimizer: bool = True) -> dict:
     d = Path(directory)
     if not d.is_dir():
         raise UserError(f"{d}: not a checkpoint directory")
-    out = {"model": _load(d / "model.pt"), "trainer": _load(d / "trainer.pt")}
-    out["optim"] = _load(d / "optim.pt") if with_optimizer and (d / "optim.pt").exists() else None
+    if is_sharded(d):
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        from rayq import sharding
+
+        try:
+            out = sharding.load_full_state_dict(d, with_optimizer=with_optimizer)
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - many types for missing or damaged shards
+            detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{d}: corrupted or incomplete sharded checkpoint ({detail})") from None
+        out["trainer"] = _load(d / "trainer.pt")
+    else:
+        out = {"model": _load(d / "model.pt"), "trainer": _load(d / "trainer.pt")}
+        out["optim"] = _load(d / "optim.pt") if with_optimizer and (d / "optim.pt").exists() else None
     out["config"] = config_io.resolve(config_file=d / "config.yaml")
     return out
+
+
+def load_trainer(directory: str | os.PathLike) -> dict:
+    return _load(Path(directory) / "trainer.pt")
+
+
+def is_sharded(directory: str | os.PathLike) -> bool:
+    """A sharded (DCP) checkpoint directory: `.metadata` instead of model.pt."""
+    return (Path(directory) / ".metadata").is_file()
 
 
 def load_config(directory: str | os.PathLike) -> Config:
@@ -115,9 +142,9 @@ def prune(checkpoints_dir: str | os.PathLike, keep: int) -> None:
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """Accept a checkpoint dir, a run dir (latest checkpoint), or its checkpoints/ dir."""
     p = Path(path)
-    if (p / "model.pt").exists():
+    if (p / "model.pt").exists() or is_sharded(p):
         return p
     for root in (p / "checkpoints", p):
         if (found := latest(root)) is not None:
             return found
-    raise UserError(f"{p}: no checkpoint found (expected a step_N directory with model.pt)")
+    raise UserError(f"{p}: no checkpoint found (expected a step_N directory with model.pt or sharded .metadata)")

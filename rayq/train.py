@@ -4,7 +4,9 @@
 weights only), linear warmup + cosine decay, optional gradient clipping, the precision policy
 (native autocast or emulated rounding; dynamic loss scaling for fp16), periodic held-out loss and
 an optional eval hook (the INT8 evaluator), NaN/inf detection, atomic checkpoints and bit-exact
-resume. Where the loop runs is the reporter's business: `LocalReporter` writes a run directory;
+resume. Several ranks: DDP, or FSDP2 with sharded checkpoints when `cluster.sharding: fsdp`
+(`rayq.sharding`: the same loop; only the wrapping, clipping and checkpoint I/O differ).
+Where the loop runs is the reporter's business: `LocalReporter` writes a run directory;
 `rayq.cluster` supplies a reporter that forwards to `ray.train.report`. This module never
 imports ray.
 """
@@ -26,6 +28,7 @@ import torch.nn as nn
 
 from rayq import checkpoint as ckpt_io
 from rayq import config as config_io
+from rayq import sharding
 from rayq.model import GPT, param_groups
 from rayq.precision import PrecisionPolicy
 from rayq.schema import Config
@@ -64,8 +67,18 @@ class LocalReporter:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config_io.save(cfg, self.run_dir / "config.yaml")
 
+    def _rank0_path(self, make: Callable[[], Optional[Path]]) -> Optional[Path]:
+        """`make()` on rank 0, broadcast: all ranks of a multi-process local run agree on it."""
+        if not (self.world_size > 1 and dist.is_available() and dist.is_initialized()):
+            return make()
+        found = make() if self.rank == 0 else None
+        box = [None if found is None else str(found)]
+        dist.broadcast_object_list(box, src=0)
+        return None if box[0] is None else Path(box[0])
+
     def new_checkpoint_dir(self, step: int) -> Path:
-        return ckpt_io.staging_dir(self.checkpoints, f"step_{step}")
+        # one staging dir for all ranks (a sharded checkpoint: every rank writes its shards there)
+        return self._rank0_path(lambda: ckpt_io.staging_dir(self.checkpoints, f"step_{step}"))
 
     def report(self, metrics: dict, checkpoint: Optional[Path] = None) -> Optional[Path]:
         final = None
@@ -83,7 +96,8 @@ class LocalReporter:
         return final
 
     def restore(self) -> Optional[Path]:
-        return ckpt_io.latest(self.checkpoints)
+        # rank 0's view: another rank may get here before rank 0 has committed the last checkpoint
+        return self._rank0_path(lambda: ckpt_io.latest(self.checkpoints))
 
 
 def format_metrics(m: dict) -> str:
@@ -194,9 +208,12 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
     torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's
     random.seed(cfg.train.seed)
     model = build_model(cfg, device)
+    sharded = sharding.enabled(cfg, world)
+    if sharded:  # FSDP2: parameters become DTensor shards before the optimizer sees them
+        model = sharding.shard_model(model, cfg, device)
     optimizer = build_optimizer(model, cfg)
     policy = PrecisionPolicy.from_recipe(cfg.recipe, device.type)
-    scaler = policy.make_scaler()
+    scaler = sharding.make_scaler(policy) if sharded else policy.make_scaler()
     if data is None:
         data = data_io.prepare(cfg)
     if batches is None:
@@ -208,11 +225,14 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
     resume = reporter.restore()
     resumed_from = 0  # the step this process resumed from (0: a fresh start), reported with every log
     if resume is not None:
-        state = ckpt_io.load(resume)
-        model.load_state_dict(state["model"])
-        if state["optim"] is not None:
-            optimizer.load_state_dict(state["optim"])
-        t = state["trainer"]
+        if sharded:
+            t = sharding.load_checkpoint(resume, model, optimizer)
+        else:
+            state = ckpt_io.load(resume)
+            model.load_state_dict(state["model"])
+            if state["optim"] is not None:
+                optimizer.load_state_dict(state["optim"])
+            t = state["trainer"]
         step, skipped = int(t["step"]), int(t.get("skipped_steps", 0))
         resumed_from = step
         if scaler is not None and t.get("scaler"):
@@ -222,7 +242,7 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
     else:
         torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank dropout streams
 
-    train_model = _wrap_distributed(model, world, device)
+    train_model = model if sharded else _wrap_distributed(model, world, device)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
     train_model.train()
@@ -240,11 +260,14 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
         if with_checkpoint:
             staging = reporter.new_checkpoint_dir(step)
             rng = _gather_rng(_rng_state(device), world)
-            if rank == 0:
+            trainer_state = {"step": step, "skipped_steps": skipped, "rng": rng,
+                             "scaler": scaler.state_dict() if scaler is not None else {},
+                             "data": batches.state_dict()}
+            if sharded:  # collective: every rank writes its shards
+                sharding.save_checkpoint(staging, model, optimizer, trainer_state=trainer_state, cfg=cfg, rank=rank)
+            elif rank == 0:
                 ckpt_io.write(staging, model_state=model.state_dict(), optim_state=optimizer.state_dict(),
-                              trainer_state={"step": step, "skipped_steps": skipped, "rng": rng,
-                                             "scaler": scaler.state_dict() if scaler is not None else {},
-                                             "data": batches.state_dict()}, cfg=cfg)
+                              trainer_state=trainer_state, cfg=cfg)
         final = reporter.report(metrics, checkpoint=staging)
         if staging is not None:
             last_ckpt = final
@@ -266,7 +289,8 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
         else:
             loss.backward()
         max_norm = cfg.recipe.grad_clip if cfg.recipe.grad_clip is not None else float("inf")
-        grad_norm_t = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        clip = sharding.clip_grad_norm if sharded else torch.nn.utils.clip_grad_norm_
+        grad_norm_t = clip(model.parameters(), max_norm)
         if scaler is not None:
             scale_before = scaler.get_scale()
             scaler.step(optimizer)  # skipped internally when grads hold inf/NaN
@@ -308,8 +332,10 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
             window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
             if is_eval:
                 metrics["eval/loss"] = heldout_loss(model, heldout, policy, device)
-                if evaluator is not None and rank == 0:
-                    metrics.update(evaluator(model, step, policy))
+                if evaluator is not None:
+                    eval_model = sharding.full_model_copy(model, cfg, rank) if sharded else model  # collective
+                    if rank == 0:
+                        metrics.update(evaluator(eval_model, step, policy))
             checkpoint_and_report(metrics, with_checkpoint=bool(is_ckpt))
     return RunResult(step=step, diverged=diverged, last_metrics=last_metrics, checkpoint=last_ckpt, history=history)
 

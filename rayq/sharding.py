@@ -1,0 +1,205 @@
+"""FSDP2 sharding and sharded (DCP) checkpoints, for models that do not fit one device.
+
+`cluster.sharding: fsdp` with more than one worker makes the one train loop (`rayq.train.run`)
+shard the model with `torch.distributed.fsdp.fully_shard` instead of wrapping it in DDP:
+one FSDP unit per transformer block, one for `lm_head`, then the root (embeddings, final
+LayerNorm). Parameters, gradients and AdamW state are sharded on dim 0 across the workers
+(DTensors); the sharded fp32 parameters are the master weights the optimizer updates.
+
+Precision: one design, rayq's `PrecisionPolicy` stays the single owner of the compute numerics.
+
+* fp32 recipes: no `MixedPrecisionPolicy`; the run equals DDP up to reduction order.
+* `native` half (bf16 everywhere; fp16 on GPU): `MixedPrecisionPolicy(param_dtype=half,
+  reduce_dtype=fp32, cast_forward_inputs=False)` on the blocks and `lm_head`: parameters are
+  all-gathered and used in half (half the all-gather bytes and unsharded-parameter memory),
+  gradients are reduce-scattered in fp32 into fp32 sharded grads. The forward still runs under
+  the policy's `torch.autocast`, so the op-level choices are those of a DDP run: the matmuls
+  see the same half-rounded weights autocast would make, softmax/loss run in fp32, LayerNorm
+  runs in fp32 when `layernorm_fp32`, and — because FSDP does not cast the block inputs and the
+  root (embeddings, final LayerNorm) keeps fp32 parameters — the residual stream stays fp32
+  exactly as under autocast. The one difference from DDP+autocast: the block LayerNorm gains
+  and biases are rounded to the half dtype once (then upcast for the fp32 LayerNorm).
+* `emulated` half (fp16 on CPU under `auto`): emulation rounds fp32 tensors at every matmul /
+  LayerNorm boundary and needs fp32 operands, and native fp16 on CPU is ~50x slower, so FSDP
+  all-gathers fp32 parameters (no `MixedPrecisionPolicy`) and the `EmulatedHalf` mode does the
+  rounding exactly as in a DDP run. Numerics are the recipe's; communication volume is fp32's
+  (emulation is a CPU stand-in for the numerics, not for the bandwidth).
+* fp16 loss scaling uses `ShardedGradScaler`, whose inf/NaN check is all-reduced so every rank
+  skips the same steps.
+
+Checkpoints: every rank writes its shards of `{"model", "optim"}` with
+`torch.distributed.checkpoint` (DCP: `__<rank>_0.distcp` files plus `.metadata` from rank 0)
+into its staging directory; rank 0 adds `trainer.pt` and `config.yaml` (`rayq.checkpoint`'s
+files), so `load_config` works on a sharded checkpoint. Locally all ranks share rank 0's staging
+directory; on Ray each rank reports its own and Ray Train merges them into one. Resume loads
+the shards back in place (any worker count: DCP reshards); `load_full_state_dict(dir)` reads a
+full, unsharded model state dict without a process group (what `rayq eval` uses through
+`rayq.checkpoint.load`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from rayq.precision import PrecisionPolicy
+from rayq.schema import Config
+
+METADATA = ".metadata"  # DCP's index file: its presence marks a sharded checkpoint directory
+
+
+def enabled(cfg: Config, world_size: int) -> bool:
+    """Whether the loop shards this run (fsdp requested, several ranks, a process group up)."""
+    return (cfg.cluster.sharding == "fsdp" and world_size > 1 and dist.is_available() and dist.is_initialized())
+
+
+def is_sharded_checkpoint(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / METADATA).is_file()
+
+
+def mixed_precision(cfg: Config, device_type: str):
+    """The FSDP `MixedPrecisionPolicy` of the recipe (None: parameters stay fp32; see module doc)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = PrecisionPolicy.from_recipe(cfg.recipe, device_type)
+    if policy.mode != "native":  # fp32, or emulated rounding (needs fp32 operands)
+        return None
+    return MixedPrecisionPolicy(param_dtype=policy.dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def shard_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """Apply `fully_shard` per transformer block, to `lm_head`, then the root; returns `model`
+    (now an `FSDPModule` whose parameters are DTensor shards). Call before building the optimizer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    half = mixed_precision(cfg, device.type)
+    unit = {"mesh": mesh, "mp_policy": half} if half is not None else {"mesh": mesh}
+    for block in model.blocks:
+        fully_shard(block, **unit)
+    fully_shard(model.lm_head, **unit)
+    # root: embeddings and the final LayerNorm keep fp32 parameters (their outputs stay fp32, as under autocast)
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+    return model
+
+
+def make_scaler(policy: PrecisionPolicy):
+    """fp16 loss scaler whose found-inf check is agreed across ranks (None when not fp16)."""
+    if not policy.uses_loss_scaling:
+        return None
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    device = "cpu" if policy.device_type == "xla" else policy.device_type
+    return ShardedGradScaler(device, init_scale=policy.init_loss_scale, growth_interval=policy.growth_interval)
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` over DTensor grads: the norm of the whole (global) gradient, as a plain tensor."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=None)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()  # partial (per-shard) norms reduced across ranks
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=None)
+    return total
+
+
+def full_model_copy(model: nn.Module, cfg: Config, rank: int) -> Optional[nn.Module]:
+    """Collective: an unsharded fp32 copy of `model` on rank 0 (None elsewhere), e.g. for the eval hook."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from rayq.model import GPT
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    device = next(iter(model.parameters())).device
+    with torch.device("meta"):  # no init: it would draw from (and shift) rank 0's dropout RNG stream
+        copy = GPT(cfg.model, dropout=cfg.recipe.dropout)
+    copy.load_state_dict(state, assign=True)
+    return copy.to(device).train(model.training)
+
+
+def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                    trainer_state: dict, cfg: Config, rank: int) -> None:
+    """Collective: every rank writes its shards into `directory` (its own staging dir, or a shared
+    one); rank 0 also writes trainer.pt and config.yaml."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from rayq import checkpoint as ckpt_io
+
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=str(directory))
+    if rank == 0:
+        ckpt_io.write(directory, model_state=None, optim_state=None, trainer_state=trainer_state, cfg=cfg)
+
+
+def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Collective: load a checkpoint into a sharded `model` and its optimizer; returns trainer.pt.
+
+    A sharded (DCP) checkpoint is read shard by shard (any saving world size); a full one
+    (model.pt / optim.pt, from a DDP or local run) is sharded on load.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    from rayq import checkpoint as ckpt_io
+
+    d = Path(directory)
+    if is_sharded_checkpoint(d):
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=str(d))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+        return ckpt_io.load_trainer(d)
+    full = ckpt_io.load(d)
+    full_opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, full["model"], options=full_opts)
+    if full["optim"] is not None:
+        set_optimizer_state_dict(model, optimizer, optim_ids_to_fqns(full["optim"], model, optimizer),
+                                 options=full_opts)
+    return full["trainer"]
+
+
+def optim_ids_to_fqns(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A plain `optimizer.state_dict()` (params numbered in group order) keyed by parameter names."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    fqns = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {"state": {fqns[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def optim_fqns_to_ids(state: dict) -> dict:
+    """The inverse: name-keyed optimizer state (DCP checkpoints) as a plain `optimizer.state_dict()`."""
+    ids: dict[str, int] = {}
+    for g in state["param_groups"]:
+        for fqn in g["params"]:
+            ids.setdefault(fqn, len(ids))
+    return {"state": {ids[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [ids[f] for f in g["params"]]} for g in state["param_groups"]]}
+
+
+def load_full_state_dict(directory: str | os.PathLike, *, with_optimizer: bool = False) -> dict:
+    """A sharded checkpoint as full, unsharded tensors, without a process group:
+    {"model": state dict, "optim": plain optimizer state dict or None}."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    keys = {"model", "optim"} if with_optimizer else {"model"}
+    state: dict = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(str(directory)),
+                     planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    optim = state.get("optim")
+    return {"model": state["model"], "optim": optim_fqns_to_ids(optim) if optim else None}
