@@ -48,6 +48,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rayq.precision import PrecisionPolicy
+from rayq.errors import UserError
 from rayq.schema import Config
 
 METADATA = ".metadata"  # DCP's index file: its presence marks a sharded checkpoint directory
@@ -78,6 +79,8 @@ def shard_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Modul
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if device.type == "xla":  # torch.distributed's FSDP2 does not run on XLA; torch-xla SPMD is not wired yet
+        raise UserError("cluster.sharding=fsdp: not supported on TPU/XLA workers yet; use cluster.sharding=ddp")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     half = mixed_precision(cfg, device.type)
     unit = {"mesh": mesh, "mp_policy": half} if half is not None else {"mesh": mesh}
