@@ -10,16 +10,6 @@ from rayq.kernels import MAX_K_S8, MAX_K_U8, gemm, int8_mm, int_mm_reference
 SHAPES = [(1, 64, 32), (1, 4096, 8), (3, 7, 5), (17, 33, 9), (16, 100, 24), (64, 257, 31), (128, 512, 256)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops on 2 OpenMP threads crawl when the machine is shared (measured: a 100-step tiny
-    GPT loop 83 s on 2 threads vs 5 s on 1 under load); these tests check numbers, not speed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 KERNELS = ["s8s8", pytest.param("u8s8", marks=pytest.mark.skipif(not gemm.supports_u8(), reason="this torch's _int_mm has no u8 operand"))]
 
 

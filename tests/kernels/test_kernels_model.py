@@ -30,16 +30,6 @@ from rayq.schema import ModelConfig
 CFG = ModelConfig(vocab_size=64, seq_len=32, n_layer=2, d_model=64, n_head=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops on 2 OpenMP threads crawl when the machine is shared (measured: a 100-step tiny
-    GPT loop 83 s on 2 threads vs 5 s on 1 under load); these tests check numbers, not speed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def markov_batches(n_batches: int, batch: int, seed: int) -> list[torch.Tensor]:
     """Structured synthetic text: a sparse random Markov chain (each token has 3 likely successors)."""
     g = torch.Generator().manual_seed(1234)  # the same chain for train and held-out data

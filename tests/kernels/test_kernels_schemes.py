@@ -25,16 +25,6 @@ from rayq.kernels import (
 K, N, M = 256, 192, 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops on 2 OpenMP threads crawl when the machine is shared (measured: a 100-step tiny
-    GPT loop 83 s on 2 threads vs 5 s on 1 under load); these tests check numbers, not speed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sqnr(ref: torch.Tensor, y: torch.Tensor) -> float:
     """20 log10(||ref|| / ||ref - y||) in dB (torchao's kernel-accuracy metric)."""
     ref, y = ref.detach().double(), y.detach().double()

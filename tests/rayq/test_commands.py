@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -89,18 +88,10 @@ def test_ls_unknown_topic(capsys):
     assert "did you mean 'tasks'" in one_line_error(capsys, "ls", "task")
 
 
-@pytest.mark.parametrize("topic,module,func", [("quant", "rayq.kernels", "list_schemes"),
-                                               ("tasks", "rayq.eval.tasks", "list_tasks")])
-def test_ls_registries(capsys, topic, module, func):
-    # Look without importing: a half-built room imported here would leak into other tests.
-    try:
-        spec = importlib.util.find_spec(module)
-    except ImportError:
-        spec = None
-    if spec is None or spec.origin is None or f"def {func}" not in Path(spec.origin).read_text():
-        pytest.skip(f"{module}.{func} is not there yet")
+@pytest.mark.parametrize("topic,expected", [("quant", "w8a8-vectorwise"), ("tasks", "heldout-cloze")])
+def test_ls_registries(capsys, topic, expected):
     code, out, _ = run(capsys, "ls", topic)
-    assert code == 0 and out.strip()
+    assert code == 0 and expected in out
 
 
 # ----------------------------------------------------------------------------- data prepare
