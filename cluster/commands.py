@@ -12,24 +12,9 @@ from rayq.errors import UserError
 from rayq.schema import Config
 
 
-def _read_mapping(path: str, what: str) -> dict:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: {what} file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{p}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{p}: expected a YAML mapping in the {what} file")
-    return data
-
-
 def recipe_values(path: str) -> dict:
     """Dotted values from an exported recipe file (its `recipe:` section)."""
-    data = _read_mapping(path, "recipe")
+    data = config_io.read_yaml_file(path, "recipe")
     if not isinstance(data.get("recipe"), dict):
         raise UserError(f"{path}: expected a 'recipe:' section (as written by rayq export)")
     return {f"recipe.{k}": v for k, v in data["recipe"].items()}
@@ -37,7 +22,7 @@ def recipe_values(path: str) -> dict:
 
 def cluster_values(path: str) -> dict:
     """Dotted values from a cluster file: a `cluster:` section (or `rayq:` block of a launcher file)."""
-    data = _read_mapping(path, "cluster")
+    data = config_io.read_yaml_file(path, "cluster")
     section = data.get("cluster")
     if section is None and isinstance(data.get("rayq"), dict):  # Ray launcher files carry a rayq: block
         section = data["rayq"].get("cluster")

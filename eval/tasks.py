@@ -103,17 +103,10 @@ def _check_file(path: Path, task: str) -> Path:
 
 def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a malformed line is a UserError naming it."""
+    from rayq.corpus import jsonl_objects
+
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+        yield from jsonl_objects(fh, str(path))
 
 
 def _field(obj: Mapping, key: str, path: Path, lineno: int, kind: type = str):

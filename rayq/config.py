@@ -197,11 +197,16 @@ def preset_tree(name: str, _seen: tuple = ()) -> dict:
     return _with_base(_read_yaml(text, f"preset {name}"), _seen + (name,))
 
 
-def file_tree(path: str | os.PathLike) -> dict:
+def read_yaml_file(path: str | os.PathLike, what: str = "config") -> dict:
+    """A YAML mapping from a file, or a one-line UserError naming the file."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{p}: config file not found")
-    return _with_base(_read_yaml(p.read_text(), str(p)), ())
+        raise UserError(f"{p}: {what} file not found")
+    return _read_yaml(p.read_text(), str(p))
+
+
+def file_tree(path: str | os.PathLike) -> dict:
+    return _with_base(read_yaml_file(path), ())
 
 
 def _with_base(tree: dict, seen: tuple) -> dict:

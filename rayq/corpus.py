@@ -496,17 +496,26 @@ def _read_text_file(fs, path: str, base: str) -> Iterator[Document]:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
-def _read_jsonl_file(fs, path: str, base: str) -> Iterator[Document]:
-    with _open(fs, path) as fh:
-        lines = fh.read().decode("utf-8", errors="replace").splitlines()
+def jsonl_objects(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank JSONL line; a malformed line is a UserError
+    naming `where` and the line (shared by corpus sources and the eval room's task files)."""
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise UserError(f"{where}:{lineno}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{where}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
+def _read_jsonl_file(fs, path: str, base: str) -> Iterator[Document]:
+    with _open(fs, path) as fh:
+        lines = fh.read().decode("utf-8", errors="replace").splitlines()
+    for lineno, row in jsonl_objects(lines, path):
+        if not isinstance(row.get("text"), str):
             raise UserError(f"{path}:{lineno}: expected an object with a string field \"text\"")
         name = row.get("name", row.get("id"))
         yield Document(f"{base}/{name if name is not None else lineno}", row["text"])
