@@ -15,8 +15,9 @@ Two layouts, chosen by how many TPU chips one Ray Train worker owns:
   topology (TPU_PROCESS_BOUNDS, TPU_PROCESS_ADDRESSES, ... from the TPU metadata, as torchrun
   does) and returns the `xla` process group. The train loop's DDP then all-reduces on the device.
 * ``spmd`` (one worker per host, all its chips): `torch_xla.runtime.use_spmd()`; no `xla` process
-  group (torch-xla forbids it under SPMD). Sharding the model over the global mesh is the
-  FSDP/SPMD pass's job; this backend sets up the runtime for it.
+  group (torch-xla forbids it under SPMD). With several hosts a gloo process group (env:// from
+  the variables above) coordinates what is host-side only: sharded checkpoints (DCP), the
+  run directory, RNG states. The train loop's `rayq.spmd.SPMD` strategy shards the model.
 
 A single worker (world size 1) needs no process group at all: that is the XLA:CPU test lane
 (`PJRT_DEVICE=CPU`, `cluster/xla_lane.sh`).
@@ -105,8 +106,7 @@ def worker_env(config: XLAConfig, layout: Layout, *, rank: int, world_size: int,
         # torch-xla's `xla://` rendezvous treats a torchelastic launch as "configure the PJRT
         # multiprocess topology from LOCAL_RANK / LOCAL_WORLD_SIZE" (what torchrun gives it)
         env["TORCHELASTIC_RUN_ID"] = run_id
-    if layout == "spmd":
-        env["XLA_USE_SPMD"] = "1"
+    # spmd: no env switch (XLA_USE_SPMD is deprecated): `_init_runtime` calls `xr.use_spmd()`
     return env
 
 
@@ -126,6 +126,12 @@ def _init_runtime(layout: Layout, timeout_s: int, compilation_cache: Optional[st
         xr.initialize_cache(os.path.expanduser(compilation_cache), readonly=False)
     if layout == "spmd":
         xr.use_spmd()
+        import torch.distributed as dist
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            from datetime import timedelta
+
+            dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=timeout_s))
     elif layout == "multiprocess":
         from datetime import timedelta
 
@@ -143,7 +149,7 @@ def _init_runtime(layout: Layout, timeout_s: int, compilation_cache: Optional[st
 def _shutdown(layout: Layout) -> None:
     import torch.distributed as dist
 
-    if layout == "multiprocess" and dist.is_initialized():
+    if layout != "single" and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -1,7 +1,7 @@
 """FSDP2 sharding and sharded (DCP) checkpoints, for models that do not fit one device.
 
 `cluster.sharding: fsdp` with more than one worker makes the one train loop (`rayq.train.run`)
-shard the model with `torch.distributed.fsdp.fully_shard` instead of wrapping it in DDP:
+use the `FSDP` strategy (`rayq.parallel`): it shards the model with `torch.distributed.fsdp.fully_shard` instead of wrapping it in DDP:
 one FSDP unit per transformer block, one for `lm_head`, then the root (embeddings, final
 LayerNorm). Parameters, gradients and AdamW state are sharded on dim 0 across the workers
 (DTensors); the sharded fp32 parameters are the master weights the optimizer updates.
@@ -47,16 +47,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from rayq.precision import PrecisionPolicy
 from rayq.errors import UserError
+from rayq.parallel import Replicated
+from rayq.precision import PrecisionPolicy
 from rayq.schema import Config
 
 METADATA = ".metadata"  # DCP's index file: its presence marks a sharded checkpoint directory
-
-
-def enabled(cfg: Config, world_size: int) -> bool:
-    """Whether the loop shards this run (fsdp requested, several ranks, a process group up)."""
-    return (cfg.cluster.sharding == "fsdp" and world_size > 1 and dist.is_available() and dist.is_initialized())
 
 
 def is_sharded_checkpoint(directory: str | os.PathLike) -> bool:
@@ -79,8 +75,8 @@ def shard_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Modul
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if device.type == "xla":  # torch.distributed's FSDP2 does not run on XLA; torch-xla SPMD is not wired yet
-        raise UserError("cluster.sharding=fsdp: not supported on TPU/XLA workers yet; use cluster.sharding=ddp")
+    if device.type == "xla":  # torch.distributed's FSDP2 does not run on XLA: rayq.spmd shards there
+        raise UserError("cluster.sharding=fsdp on XLA devices runs through torch-xla SPMD (rayq.spmd), not FSDP2")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     half = mixed_precision(cfg, device.type)
     unit = {"mesh": mesh, "mp_policy": half} if half is not None else {"mesh": mesh}
@@ -173,6 +169,33 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: t
         set_optimizer_state_dict(model, optimizer, optim_ids_to_fqns(full["optim"], model, optimizer),
                                  options=full_opts)
     return full["trainer"]
+
+
+class FSDP(Replicated):
+    """The `rayq.parallel` strategy for FSDP2: the functions of this module, in the loop's terms."""
+
+    name = "fsdp"
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        return shard_model(model, self.cfg, self.device)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model  # an FSDPModule already communicates in forward/backward
+
+    def make_scaler(self, policy: PrecisionPolicy):
+        return make_scaler(policy)
+
+    def clip(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm(model.parameters(), max_norm)
+
+    def save(self, directory, model, optimizer, *, trainer_state: dict) -> None:
+        save_checkpoint(directory, model, optimizer, trainer_state=trainer_state, cfg=self.cfg, rank=self.rank)
+
+    def load(self, directory, model, optimizer) -> dict:
+        return load_checkpoint(directory, model, optimizer)
+
+    def eval_model(self, model: nn.Module) -> Optional[nn.Module]:
+        return full_model_copy(model, self.cfg, self.rank)
 
 
 def optim_ids_to_fqns(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -4,8 +4,9 @@
 weights only), linear warmup + cosine decay, optional gradient clipping, the precision policy
 (native autocast or emulated rounding; dynamic loss scaling for fp16), periodic held-out loss and
 an optional eval hook (the INT8 evaluator), NaN/inf detection, atomic checkpoints and bit-exact
-resume. Several ranks: DDP, or FSDP2 with sharded checkpoints when `cluster.sharding: fsdp`
-(`rayq.sharding`: the same loop; only the wrapping, clipping and checkpoint I/O differ).
+resume. How the model is spread over ranks and devices is a `rayq.parallel` strategy: one process,
+DDP, FSDP2 with sharded checkpoints (`cluster.sharding: fsdp`), or torch-xla SPMD on TPU hosts —
+the same loop; only the sharding, batch placement, clipping and checkpoint I/O differ.
 Where the loop runs is the reporter's business: `LocalReporter` writes a run directory;
 `rayq.cluster` supplies a reporter that forwards to `ray.train.report`. This module never
 imports ray.
@@ -28,7 +29,7 @@ import torch.nn as nn
 
 from rayq import checkpoint as ckpt_io
 from rayq import config as config_io
-from rayq import sharding
+from rayq import parallel
 from rayq.model import GPT, param_groups
 from rayq.precision import PrecisionPolicy
 from rayq.schema import Config
@@ -164,13 +165,6 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
                              foreach=True)
 
 
-def _wrap_distributed(model: nn.Module, world_size: int, device: torch.device) -> nn.Module:
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    return model
-
-
 @torch.no_grad()
 def heldout_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], policy: PrecisionPolicy,
                  device: torch.device) -> float:
@@ -207,13 +201,11 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
 
     torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's
     random.seed(cfg.train.seed)
-    model = build_model(cfg, device)
-    sharded = sharding.enabled(cfg, world)
-    if sharded:  # FSDP2: parameters become DTensor shards before the optimizer sees them
-        model = sharding.shard_model(model, cfg, device)
+    strategy = parallel.choose(cfg, device, rank, world)
+    model = strategy.shard(build_model(cfg, device))  # shards exist before the optimizer sees them
     optimizer = build_optimizer(model, cfg)
     policy = PrecisionPolicy.from_recipe(cfg.recipe, device.type)
-    scaler = sharding.make_scaler(policy) if sharded else policy.make_scaler()
+    scaler = strategy.make_scaler(policy)
     if data is None:
         data = data_io.prepare(cfg)
     if batches is None:
@@ -225,14 +217,7 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
     resume = reporter.restore()
     resumed_from = 0  # the step this process resumed from (0: a fresh start), reported with every log
     if resume is not None:
-        if sharded:
-            t = sharding.load_checkpoint(resume, model, optimizer)
-        else:
-            state = ckpt_io.load(resume)
-            model.load_state_dict(state["model"])
-            if state["optim"] is not None:
-                optimizer.load_state_dict(state["optim"])
-            t = state["trainer"]
+        t = strategy.load(resume, model, optimizer)
         step, skipped = int(t["step"]), int(t.get("skipped_steps", 0))
         resumed_from = step
         if scaler is not None and t.get("scaler"):
@@ -242,7 +227,7 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
     else:
         torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank dropout streams
 
-    train_model = model if sharded else _wrap_distributed(model, world, device)
+    train_model = strategy.wrap(model)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
     train_model.train()
@@ -263,11 +248,7 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
             trainer_state = {"step": step, "skipped_steps": skipped, "rng": rng,
                              "scaler": scaler.state_dict() if scaler is not None else {},
                              "data": batches.state_dict()}
-            if sharded:  # collective: every rank writes its shards
-                sharding.save_checkpoint(staging, model, optimizer, trainer_state=trainer_state, cfg=cfg, rank=rank)
-            elif rank == 0:
-                ckpt_io.write(staging, model_state=model.state_dict(), optim_state=optimizer.state_dict(),
-                              trainer_state=trainer_state, cfg=cfg)
+            strategy.save(staging, model, optimizer, trainer_state=trainer_state)  # collective
         final = reporter.report(metrics, checkpoint=staging)
         if staging is not None:
             last_ckpt = final
@@ -276,8 +257,7 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
 
     while step < last_step:
         t0 = time.perf_counter()
-        x, y = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = strategy.to_device(*next(batches))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step + 1, cfg)
         with policy.autocast():
@@ -289,8 +269,7 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
         else:
             loss.backward()
         max_norm = cfg.recipe.grad_clip if cfg.recipe.grad_clip is not None else float("inf")
-        clip = sharding.clip_grad_norm if sharded else torch.nn.utils.clip_grad_norm_
-        grad_norm_t = clip(model.parameters(), max_norm)
+        grad_norm_t = strategy.clip(model, max_norm)
         if scaler is not None:
             scale_before = scaler.get_scale()
             scaler.step(optimizer)  # skipped internally when grads hold inf/NaN
@@ -333,8 +312,8 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
             if is_eval:
                 metrics["eval/loss"] = heldout_loss(model, heldout, policy, device)
                 if evaluator is not None:
-                    eval_model = sharding.full_model_copy(model, cfg, rank) if sharded else model  # collective
-                    if rank == 0:
+                    eval_model = strategy.eval_model(model)  # collective
+                    if eval_model is not None:
                         metrics.update(evaluator(eval_model, step, policy))
             checkpoint_and_report(metrics, with_checkpoint=bool(is_ckpt))
     return RunResult(step=step, diverged=diverged, last_metrics=last_metrics, checkpoint=last_ckpt, history=history)

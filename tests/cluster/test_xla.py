@@ -52,7 +52,7 @@ def test_worker_env_for_the_torchrun_style_rendezvous():
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.2", "29500")
     spmd = rxla.worker_env(cfg, "spmd", rank=0, world_size=4, local_rank=0, local_world_size=1, node_rank=0,
                            master_addr="h", master_port=1, run_id="r")
-    assert spmd["XLA_USE_SPMD"] == "1" and "TORCHELASTIC_RUN_ID" not in spmd
+    assert "TORCHELASTIC_RUN_ID" not in spmd and "XLA_USE_SPMD" not in spmd  # deprecated: use_spmd() instead
 
 
 def test_xla_config_is_a_torch_config_that_keeps_tpu_dist_away():
