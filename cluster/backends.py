@@ -28,6 +28,19 @@ def check(cluster: ClusterConfig) -> None:
         raise UserError("cluster.gpus_per_worker: expected > 0 when cluster.device is gpu")
 
 
+def check_run(cfg: Any) -> None:
+    """`check` plus what depends on the recipe: on TPU hosts (torch-xla SPMD: one worker per host
+    drives all its chips) every host splits its share of the batch over its chips."""
+    cluster = cfg.cluster
+    check(cluster)
+    if cluster.device == "tpu":
+        _, chips = tpu_slice(cluster.topology, cluster.accelerator_type)
+        devices = max(1, cluster.workers) * chips
+        if cfg.recipe.batch_size % devices:
+            raise UserError(f"recipe.batch_size={cfg.recipe.batch_size}: not divisible by the {devices} TPU chips "
+                            f"({cluster.workers} hosts x {chips}); every chip takes an equal slice of the batch")
+
+
 # Ray's TPU names: v5e is "v5litepod" there (TPU-V5E would fail ScalingConfig's validation)
 _RAY_TPU_NAMES = {"TPU-V5E": "TPU-V5LITEPOD", "V5E": "TPU-V5LITEPOD"}
 

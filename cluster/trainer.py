@@ -144,6 +144,7 @@ def build_trainer(cfg: Config, *, storage: str, name: str = CHECKPOINTS, evaluat
 
     from rayq.cluster import backends
 
+    backends.check_run(cfg)  # bad plans stop here, before any worker starts
     datasets = None
     if cfg.data.loader == "ray-data":
         import ray.data

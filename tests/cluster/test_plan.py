@@ -151,3 +151,17 @@ def test_every_shipped_rayq_section_plans_the_6b(capsys):
         p = make_plan(with_values(resolve(preset="6b"), cluster_values(str(path))))
         assert p.fits, path.name
     assert set(ACCELERATORS) >= {"A100-80G", "H100", "TPU-V4", "TPU-V5E"}
+
+
+def test_a_tpu_batch_that_does_not_split_over_the_chips_is_refused_before_workers_start(tmp_path):
+    """SPMD on TPU hosts: each host splits its share of the batch over its chips. Checked when the
+    trainer is built, before Ray starts a worker."""
+    from rayq.cluster import backends
+    from rayq.cluster.trainer import build_trainer
+
+    good = cfg_on("6b", TPU)
+    backends.check_run(good)
+    bad = cfg_on("6b", TPU, **{"recipe.batch_size": good.cluster.workers * 6})  # hosts divide it, chips do not
+    with pytest.raises(UserError, match=r"recipe.batch_size=\d+: not divisible by the \d+ TPU chips"):
+        build_trainer(bad, storage=str(tmp_path))
+    assert not any(tmp_path.iterdir())

@@ -142,7 +142,8 @@ def _spmd_train_fn(loop_config: dict) -> None:
 @needs_xla
 def test_ray_train_spmd_layout_trains_sharded(tiny_setup, tmp_path):
     """One Ray Train worker owning 4 XLA devices (a TPU host's layout): rayq's xla backend in the
-    spmd layout, the loop's SPMD strategy, a sharded checkpoint committed to storage."""
+    spmd layout, the loop's SPMD strategy with bf16 autocast, a sharded checkpoint of fp32
+    master weights committed to storage."""
     import ray
     import ray.train
     from ray import cloudpickle
@@ -150,8 +151,10 @@ def test_ray_train_spmd_layout_trains_sharded(tiny_setup, tmp_path):
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     base, _ = tiny_setup
+    # bf16 autocast over fp32 master weights, as on a TPU
     cfg = config_io.with_values(base, {**SETTINGS, "recipe.steps": 2, "train.checkpoint_every": 2,
-                                       "train.eval_every": 2})
+                                       "train.eval_every": 2, "recipe.precision": "bf16",
+                                       "recipe.precision_mode": "native"})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"CPU_NUM_DEVICES": str(DEVICES), "XLA_FLAGS": os.environ["XLA_FLAGS"]}})
     try:
@@ -169,4 +172,6 @@ def test_ray_train_spmd_layout_trains_sharded(tiny_setup, tmp_path):
         assert (Path(d) / ".metadata").is_file()
         saved = ckpt_io.load(d)
         assert saved["trainer"]["step"] == 2
-        assert saved["model"]["blocks.0.attn.qkv.weight"].shape == (3 * cfg.model.d_model, cfg.model.d_model)
+        qkv = saved["model"]["blocks.0.attn.qkv.weight"]
+        assert qkv.shape == (3 * cfg.model.d_model, cfg.model.d_model) and qkv.dtype == torch.float32  # master
+    assert 0 < result.metrics["train/loss"] < 10
