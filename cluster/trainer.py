@@ -152,7 +152,7 @@ def build_trainer(cfg: Config, *, storage: str, name: str = CHECKPOINTS, evaluat
         from rayq import data as data_io
 
         files = data_io.open_prepared(data_dir).train_files() if data_dir else data_io.prepare(cfg).train_files()
-        datasets = {"train": ray.data.read_parquet(files, columns=["tokens"])}
+        datasets = {"train": ray.data.read_parquet(files).select_columns(["tokens"])}
     return TorchTrainer(
         train_worker,
         datasets=datasets,
