@@ -8,7 +8,6 @@ measured against: plain AdamW + cross-entropy on the same batches, nothing else.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys

@@ -21,7 +21,7 @@ import contextlib
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch

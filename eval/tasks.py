@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import json
 import random
 import re
 import xml.etree.ElementTree as ET

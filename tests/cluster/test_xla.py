@@ -260,28 +260,12 @@ def _xla_train_fn(loop_config: dict) -> None:
 def test_ray_train_worker_runs_the_loop_on_the_xla_backend(tiny_setup, tmp_path):
     """A 1-worker TorchTrainer with rayq's XLAConfig: PJRT env set by the backend, the one loop
     on device xla, a checkpoint committed to storage."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    from xla_trainer import fit_one_worker
 
-    import sys
-
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     base, _ = tiny_setup
     cfg = config_io.with_values(base, {"recipe.steps": 2, "train.log_every": 1, "recipe.precision": "fp32",
                                        "train.checkpoint_every": 2, "train.eval_every": 2})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        trainer = TorchTrainer(
-            _xla_train_fn, train_loop_config={"config": config_io.to_dict(cfg)},
-            torch_config=rxla.XLAConfig(pjrt_device="CPU"),
-            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            run_config=ray.train.RunConfig(name="xla", storage_path=str(tmp_path)))
-        result = trainer.fit()
-    finally:
-        ray.shutdown()
+    result = fit_one_worker(_xla_train_fn, cfg, str(tmp_path), rxla.XLAConfig(pjrt_device="CPU"), name="xla")
     assert result.error is None
     assert result.metrics["step"] == 2 and result.checkpoint is not None
     with result.checkpoint.as_directory() as d:

@@ -144,28 +144,16 @@ def test_ray_train_spmd_layout_trains_sharded(tiny_setup, tmp_path):
     """One Ray Train worker owning 4 XLA devices (a TPU host's layout): rayq's xla backend in the
     spmd layout, the loop's SPMD strategy with bf16 autocast, a sharded checkpoint of fp32
     master weights committed to storage."""
-    import ray
-    import ray.train
-    from ray import cloudpickle
-    from ray.train.torch import TorchTrainer
+    from xla_trainer import fit_one_worker
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     base, _ = tiny_setup
     # bf16 autocast over fp32 master weights, as on a TPU
     cfg = config_io.with_values(base, {**SETTINGS, "recipe.steps": 2, "train.checkpoint_every": 2,
                                        "train.eval_every": 2, "recipe.precision": "bf16",
                                        "recipe.precision_mode": "native"})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"CPU_NUM_DEVICES": str(DEVICES), "XLA_FLAGS": os.environ["XLA_FLAGS"]}})
-    try:
-        trainer = TorchTrainer(
-            _spmd_train_fn, train_loop_config={"config": config_io.to_dict(cfg)},
-            torch_config=rxla.XLAConfig(pjrt_device="CPU", layout="spmd"),
-            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            run_config=ray.train.RunConfig(name="xla-spmd", storage_path=str(tmp_path)))
-        result = trainer.fit()
-    finally:
-        ray.shutdown()
+    result = fit_one_worker(_spmd_train_fn, cfg, str(tmp_path), rxla.XLAConfig(pjrt_device="CPU", layout="spmd"),
+                            name="xla-spmd",
+                            env_vars={"CPU_NUM_DEVICES": str(DEVICES), "XLA_FLAGS": os.environ["XLA_FLAGS"]})
     assert result.error is None
     assert result.metrics["step"] == 2 and result.checkpoint is not None
     with result.checkpoint.as_directory() as d:

@@ -4,7 +4,6 @@ and once through rayq.cli.main to check the exit code of bad input)."""
 import json
 
 import pytest
-import torch
 
 from rayq import checkpoint
 from rayq.errors import UserError

@@ -1,7 +1,6 @@
 """The lm-eval adapter on a local JSON task, offline (skipped without the lm-eval extra)."""
 
 import json
-import os
 
 import pytest
 

@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from rayq.eval import (
     LastWord,
@@ -20,7 +19,7 @@ from rayq.eval import (
 )
 from rayq.eval.tasks import LAST_WORD, MULTIPLE_CHOICE, PERPLEXITY
 
-from eval_helpers import FIXTURES, BigramLM, CharTokenizer, reference_ll
+from eval_helpers import BigramLM, CharTokenizer, reference_ll
 from test_tasks import PATHS
 
 TOK = CharTokenizer()
