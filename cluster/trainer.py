@@ -48,7 +48,6 @@ class RayTrainReporter:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.node_id = ray.get_runtime_context().get_node_id()  # hostnames repeat when nodes share a machine
-        self._restored: Optional[str] = None
 
     def new_checkpoint_dir(self, step: int) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"rayq-step_{step}-"))
@@ -75,23 +74,28 @@ class RayTrainReporter:
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
-        self._restored = ckpt.to_directory()  # a local copy, whatever the storage
-        return Path(self._restored)
+        return Path(ckpt.to_directory())  # a local copy, whatever the storage
+
+
+def worker_data(cfg: Config, data_dir: Optional[str]) -> Any:
+    """The prepared data on a worker or evaluator task. The driver prepared it once; reuse its
+    directory when this node can see it (one machine, shared filesystems), else prepare here
+    (cached by content hash on this node)."""
+    from rayq import data as data_io
+
+    if data_dir and os.path.exists(os.path.join(data_dir, "manifest.json")):
+        return data_io.open_prepared(data_dir)
+    return data_io.prepare(cfg)
 
 
 def train_worker(loop_config: dict) -> None:
     """The per-worker function of the TorchTrainer: rebuild the config, run the one loop."""
-    from rayq import data as data_io
     from rayq import train
     from rayq.cluster import backends
 
     cfg = config_io.build(Config, loop_config["config"])
     device = backends.setup_worker(cfg.cluster)
-    # The driver prepared the data; reuse its directory when this node can see it (one machine,
-    # shared filesystems), else prepare here (cached by content hash on this node).
-    data_dir = loop_config.get("data_dir")
-    data = data_io.open_prepared(data_dir) if data_dir and os.path.exists(os.path.join(data_dir, "manifest.json")) \
-        else data_io.prepare(cfg)
+    data = worker_data(cfg, loop_config.get("data_dir"))
     evaluator = None
     if loop_config.get("evaluate"):
         from rayq.eval import make_eval_hook

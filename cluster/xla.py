@@ -69,9 +69,9 @@ class XLAConfig(TorchConfig):
                 "compilation_cache": self.compilation_cache}
 
     @classmethod
-    def for_cluster(cls, cluster: Any, *, pjrt_device: Optional[str] = None) -> "XLAConfig":
-        """The config of a `rayq.schema.ClusterConfig` with device tpu (PJRT_DEVICE may override)."""
-        device = pjrt_device or os.environ.get("RAYQ_PJRT_DEVICE") or "TPU"
+    def for_cluster(cls, cluster: Any) -> "XLAConfig":
+        """The config of a `rayq.schema.ClusterConfig` with device tpu (the env var RAYQ_PJRT_DEVICE may override the TPU plugin, e.g. CPU)."""
+        device = os.environ.get("RAYQ_PJRT_DEVICE") or "TPU"
         layout = "auto"
         if cluster.sharding == "fsdp":
             layout = "spmd"  # FSDP on TPU goes through torch-xla SPMD (one worker per host)

@@ -98,7 +98,7 @@ def load(directory: str | os.PathLike, *, with_optimizer: bool = True) -> dict:
     else:
         out = {"model": _load(d / "model.pt"), "trainer": _load(d / "trainer.pt")}
         out["optim"] = _load(d / "optim.pt") if with_optimizer and (d / "optim.pt").exists() else None
-    out["config"] = config_io.resolve(config_file=d / "config.yaml")
+    out["config"] = load_config(d)
     return out
 
 

@@ -84,6 +84,7 @@ def _relevant_config(cfg) -> dict:
     d = asdict(cfg.data)
     d.pop("cache_dir")
     d.pop("sources")  # the documents themselves are hashed instead of where they came from
+    d.pop("loader")  # how workers read the shards, not what is in them
     return {"vocab_size": cfg.model.vocab_size, "data": d, "schema_version": SCHEMA_VERSION}
 
 
@@ -336,9 +337,6 @@ class PreparedData:
         """The train split's Parquet files, e.g. for `ray.data.read_parquet(files)`."""
         return self.files(TRAIN)
 
-    def heldout_files(self) -> list[str]:
-        return self.files(HELDOUT)
-
     def num_tokens(self, split: str = TRAIN) -> int:
         return int(self.manifest["splits"][split]["tokens"])
 
@@ -347,9 +345,6 @@ class PreparedData:
         if split not in self._tokens:
             self._tokens[split] = read_tokens(self.files(split))
         return self._tokens[split]
-
-    def heldout_documents(self) -> list[str]:
-        return list(self.manifest["heldout_documents"])
 
     def heldout_texts(self) -> dict[str, str]:
         """Raw text of each held-out document (whole documents, and `<name>#tail` parts)."""
@@ -556,10 +551,6 @@ class TokenStream:
         offsets = ids[:, None] * self.seq_len + np.arange(self.seq_len + 1)[None, :]
         w = torch.from_numpy(self.tokens[offsets].astype(np.int64))
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
-
-    @property
-    def epoch(self) -> float:
-        return self.position / self.num_windows
 
     def state_dict(self) -> dict:
         # plain ints only: checkpoints are loaded with torch.load(weights_only=True)

@@ -96,10 +96,6 @@ class GPT(nn.Module):
             x = block(x)
         return self.lm_head(self.ln_f(x))
 
-    def set_dropout(self, p: float) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = p
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

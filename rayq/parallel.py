@@ -36,8 +36,6 @@ def process_group_up(world: int) -> bool:
 class Replicated:
     """Every rank holds the whole model (one process, or DDP); rank 0 writes full checkpoints."""
 
-    name = "replicated"
-
     def __init__(self, cfg: Config, device: torch.device, rank: int, world: int):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
 
@@ -57,6 +55,14 @@ class Replicated:
 
     def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def step_end(self) -> None:
+        """After the optimizer step, before any value is read back: on XLA, cut the lazy graph
+        here, once per step."""
+        if self.device.type == "xla":
+            import torch_xla
+
+            torch_xla.sync()
 
     def clip(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Clip the gradients (max_norm may be inf); returns the global gradient norm."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -137,12 +137,11 @@ class PrecisionPolicy:
                     _LayerNormPrecision(self.device_type, self.dtype, self.layernorm_fp32):
                 yield
 
-    def make_scaler(self) -> Optional[torch.amp.GradScaler]:
-        """Dynamic loss scaler for fp16 (native or emulated: emulated gradients underflow too)."""
+    def make_scaler(self, scaler_cls: Any = None) -> Optional[torch.amp.GradScaler]:
+        """Dynamic loss scaler for fp16 (native or emulated: emulated gradients underflow too);
+        `scaler_cls` defaults to `torch.amp.GradScaler` (FSDP passes its `ShardedGradScaler`)."""
         if not self.uses_loss_scaling:
             return None
         device = "cpu" if self.device_type == "xla" else self.device_type
-        return torch.amp.GradScaler(device, init_scale=self.init_loss_scale, growth_interval=self.growth_interval)
-
-    def describe(self) -> dict:
-        return {"precision": self.precision, "mode": self.mode, "layernorm_fp32": self.layernorm_fp32}
+        return (scaler_cls or torch.amp.GradScaler)(device, init_scale=self.init_loss_scale,
+                                                    growth_interval=self.growth_interval)

@@ -47,17 +47,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from rayq.errors import UserError
+from rayq import checkpoint as ckpt_io
 from rayq.parallel import Replicated
 from rayq.precision import PrecisionPolicy
 from rayq.schema import Config
-
-METADATA = ".metadata"  # DCP's index file: its presence marks a sharded checkpoint directory
-
-
-def is_sharded_checkpoint(directory: str | os.PathLike) -> bool:
-    return (Path(directory) / METADATA).is_file()
-
 
 def mixed_precision(cfg: Config, device_type: str):
     """The FSDP `MixedPrecisionPolicy` of the recipe (None: parameters stay fp32; see module doc)."""
@@ -69,133 +62,95 @@ def mixed_precision(cfg: Config, device_type: str):
     return MixedPrecisionPolicy(param_dtype=policy.dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
-def shard_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
-    """Apply `fully_shard` per transformer block, to `lm_head`, then the root; returns `model`
-    (now an `FSDPModule` whose parameters are DTensor shards). Call before building the optimizer."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if device.type == "xla":  # torch.distributed's FSDP2 does not run on XLA: rayq.spmd shards there
-        raise UserError("cluster.sharding=fsdp on XLA devices runs through torch-xla SPMD (rayq.spmd), not FSDP2")
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    half = mixed_precision(cfg, device.type)
-    unit = {"mesh": mesh, "mp_policy": half} if half is not None else {"mesh": mesh}
-    for block in model.blocks:
-        fully_shard(block, **unit)
-    fully_shard(model.lm_head, **unit)
-    # root: embeddings and the final LayerNorm keep fp32 parameters (their outputs stay fp32, as under autocast)
-    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
-    return model
-
-
-def make_scaler(policy: PrecisionPolicy):
-    """fp16 loss scaler whose found-inf check is agreed across ranks (None when not fp16)."""
-    if not policy.uses_loss_scaling:
-        return None
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-    device = "cpu" if policy.device_type == "xla" else policy.device_type
-    return ShardedGradScaler(device, init_scale=policy.init_loss_scale, growth_interval=policy.growth_interval)
-
-
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """`clip_grad_norm_` over DTensor grads: the norm of the whole (global) gradient, as a plain tensor."""
-    from torch.distributed.tensor import DTensor
-
-    params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
-    total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=None)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()  # partial (per-shard) norms reduced across ranks
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=None)
-    return total
-
-
-def full_model_copy(model: nn.Module, cfg: Config, rank: int) -> Optional[nn.Module]:
-    """Collective: an unsharded fp32 copy of `model` on rank 0 (None elsewhere), e.g. for the eval hook."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from rayq.model import GPT
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
-        return None
-    device = next(iter(model.parameters())).device
-    with torch.device("meta"):  # no init: it would draw from (and shift) rank 0's dropout RNG stream
-        copy = GPT(cfg.model, dropout=cfg.recipe.dropout)
-    copy.load_state_dict(state, assign=True)
-    return copy.to(device).train(model.training)
-
-
-def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                    trainer_state: dict, cfg: Config, rank: int) -> None:
-    """Collective: every rank writes its shards into `directory` (its own staging dir, or a shared
-    one); rank 0 also writes trainer.pt and config.yaml."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    from rayq import checkpoint as ckpt_io
-
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=str(directory))
-    if rank == 0:
-        ckpt_io.write(directory, model_state=None, optim_state=None, trainer_state=trainer_state, cfg=cfg)
-
-
-def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Collective: load a checkpoint into a sharded `model` and its optimizer; returns trainer.pt.
-
-    A sharded (DCP) checkpoint is read shard by shard (any saving world size); a full one
-    (model.pt / optim.pt, from a DDP or local run) is sharded on load.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
-    from rayq import checkpoint as ckpt_io
-
-    d = Path(directory)
-    if is_sharded_checkpoint(d):
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-        dcp.load(state, checkpoint_id=str(d))
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"])
-        return ckpt_io.load_trainer(d)
-    full = ckpt_io.load(d)
-    full_opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, full["model"], options=full_opts)
-    if full["optim"] is not None:
-        set_optimizer_state_dict(model, optimizer, optim_ids_to_fqns(full["optim"], model, optimizer),
-                                 options=full_opts)
-    return full["trainer"]
-
-
 class FSDP(Replicated):
-    """The `rayq.parallel` strategy for FSDP2: the functions of this module, in the loop's terms."""
-
-    name = "fsdp"
+    """The `rayq.parallel` strategy for FSDP2 on GPU and CPU workers (see the module doc).
+    XLA devices never get here: `parallel.choose` sends them to `rayq.spmd.SPMD`."""
 
     def shard(self, model: nn.Module) -> nn.Module:
-        return shard_model(model, self.cfg, self.device)
+        """Apply `fully_shard` per transformer block, to `lm_head`, then the root; returns `model`
+        (now an `FSDPModule` whose parameters are DTensor shards). Before the optimizer is built."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        half = mixed_precision(self.cfg, self.device.type)
+        unit = {"mesh": mesh, "mp_policy": half} if half is not None else {"mesh": mesh}
+        for block in model.blocks:
+            fully_shard(block, **unit)
+        fully_shard(model.lm_head, **unit)
+        # root: embeddings and the final LayerNorm keep fp32 parameters (their outputs stay fp32, as under autocast)
+        fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+        return model
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model  # an FSDPModule already communicates in forward/backward
 
     def make_scaler(self, policy: PrecisionPolicy):
-        return make_scaler(policy)
+        """fp16 loss scaler whose found-inf check is agreed across ranks (None when not fp16)."""
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return policy.make_scaler(ShardedGradScaler)
 
     def clip(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm(model.parameters(), max_norm)
+        """`clip_grad_norm_` over DTensor grads: the norm of the whole (global) gradient, as a plain tensor."""
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in model.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=None)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()  # partial (per-shard) norms reduced across ranks
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=None)
+        return total
 
     def save(self, directory, model, optimizer, *, trainer_state: dict) -> None:
-        save_checkpoint(directory, model, optimizer, trainer_state=trainer_state, cfg=self.cfg, rank=self.rank)
+        """Collective: every rank writes its shards into `directory` (its own staging dir, or a
+        shared one); rank 0 also writes trainer.pt and config.yaml."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.save(state, checkpoint_id=str(directory))
+        if self.rank == 0:
+            ckpt_io.write(directory, model_state=None, optim_state=None, trainer_state=trainer_state, cfg=self.cfg)
 
     def load(self, directory, model, optimizer) -> dict:
-        return load_checkpoint(directory, model, optimizer)
+        """Collective: a sharded (DCP) checkpoint is read shard by shard (any saving world size); a
+        full one (model.pt / optim.pt, from a DDP or local run) is sharded on load."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        d = Path(directory)
+        if ckpt_io.is_sharded(d):
+            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+            dcp.load(state, checkpoint_id=str(d))
+            set_model_state_dict(model, state["model"])
+            set_optimizer_state_dict(model, optimizer, state["optim"])
+            return ckpt_io.load_trainer(d)
+        full = ckpt_io.load(d)
+        full_opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, full["model"], options=full_opts)
+        if full["optim"] is not None:
+            set_optimizer_state_dict(model, optimizer, optim_ids_to_fqns(full["optim"], model, optimizer),
+                                     options=full_opts)
+        return full["trainer"]
 
     def eval_model(self, model: nn.Module) -> Optional[nn.Module]:
-        return full_model_copy(model, self.cfg, self.rank)
+        """Collective: an unsharded fp32 copy of `model` on rank 0 (None elsewhere) for the eval hook."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from rayq.model import GPT
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        device = next(iter(model.parameters())).device
+        with torch.device("meta"):  # no init: it would draw from (and shift) rank 0's dropout RNG stream
+            copy = GPT(self.cfg.model, dropout=self.cfg.recipe.dropout)
+        copy.load_state_dict(state, assign=True)
+        return copy.to(device).train(model.training)
 
 
 def optim_ids_to_fqns(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

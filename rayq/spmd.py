@@ -40,7 +40,6 @@ import torch.nn as nn
 from rayq import checkpoint as ckpt_io
 from rayq.errors import UserError
 from rayq.parallel import Replicated
-from rayq.precision import PrecisionPolicy
 
 AXIS = "fsdp"
 
@@ -101,8 +100,6 @@ class ShardedOutput(nn.Module):
 class SPMD(Replicated):
     """The `rayq.parallel` strategy for torch-xla SPMD (see the module doc)."""
 
-    name = "spmd"
-
     def __init__(self, cfg, device, rank, world):
         super().__init__(cfg, device, rank, world)
         enable()
@@ -117,6 +114,10 @@ class SPMD(Replicated):
             raise UserError(f"recipe.batch_size={cfg.recipe.batch_size}: each of the {world} host(s) loads "
                             f"{local_batch} sequences, not divisible by its {self.local_devices} XLA devices")
         self.specs: dict[str, tuple] = {}
+        # this host's slice of the global batch becomes the host's shards of one global array
+        import torch_xla.distributed.spmd as xs
+
+        self.batch_sharding = xs.ShardingSpec(self.mesh, (AXIS, None), minibatch=self.hosts > 1)
 
     def shard(self, model: nn.Module) -> nn.Module:
         import torch_xla.distributed.spmd as xs
@@ -132,16 +133,10 @@ class SPMD(Replicated):
     def wrap(self, model: nn.Module) -> nn.Module:
         return ShardedOutput(model, self.mesh)  # no DDP: the compiler does the data parallelism
 
-    def make_scaler(self, policy: PrecisionPolicy):
-        return policy.make_scaler()  # one program: the found-inf check is already global
-
     def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         import torch_xla.core.xla_model as xm
-        import torch_xla.distributed.spmd as xs
 
-        # this host's slice of the global batch becomes the host's shards of one global array
-        batch = xs.ShardingSpec(self.mesh, (AXIS, None), minibatch=self.hosts > 1)
-        x, y = xm.send_cpu_data_to_device([x, y], self.device, input_sharding=batch)
+        x, y = xm.send_cpu_data_to_device([x, y], self.device, input_sharding=self.batch_sharding)
         return x, y
 
     def clip(self, model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -165,7 +160,7 @@ class SPMD(Replicated):
         from rayq import sharding
 
         d = Path(directory)
-        if not sharding.is_sharded_checkpoint(d):  # a full checkpoint (local or DDP run): copied into the shards
+        if not ckpt_io.is_sharded(d):  # a full checkpoint (local or DDP run): copied into the shards
             return super().load(d, model, optimizer)
         import torch.distributed.checkpoint as dcp
         from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner, prime_optimizer

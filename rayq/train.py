@@ -70,7 +70,7 @@ class LocalReporter:
 
     def _rank0_path(self, make: Callable[[], Optional[Path]]) -> Optional[Path]:
         """`make()` on rank 0, broadcast: all ranks of a multi-process local run agree on it."""
-        if not (self.world_size > 1 and dist.is_available() and dist.is_initialized()):
+        if not parallel.process_group_up(self.world_size):
             return make()
         found = make() if self.rank == 0 else None
         box = [None if found is None else str(found)]
@@ -280,10 +280,7 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
             optimizer.step()
             step_skipped = False
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "xla":  # cut the lazy graph once per step, before reading any value back
-            import torch_xla
-
-            torch_xla.sync()
+        strategy.step_end()
         loss_value, grad_norm = loss.item(), float(grad_norm_t)
         step += 1
         skipped += int(step_skipped)
@@ -321,7 +318,7 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
 
 def _global_mean(value: float, world: int) -> float:
     """Mean over ranks, so a reported train loss is the global batch's, not rank 0's share."""
-    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+    if not parallel.process_group_up(world):
         return value
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
@@ -330,7 +327,7 @@ def _global_mean(value: float, world: int) -> float:
 
 def _gather_rng(state: dict, world: int) -> list[dict]:
     """Every rank's RNG state, so a resumed run continues each rank's dropout stream exactly."""
-    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+    if not parallel.process_group_up(world):
         return [state]
     gathered: list = [None] * world
     dist.all_gather_object(gathered, state)

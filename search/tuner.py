@@ -144,7 +144,7 @@ def trial_driver(trial_config: dict, *, base: dict, storage: str, objectives: li
         per_seed = [m for _, m in sorted(pending.pop(step).items())]
         step_ckpts = checkpoints.pop(step, {})
         if not in_worker and step_ckpts:
-            per_seed = _evaluate_elsewhere(cfg, per_seed, step_ckpts)
+            per_seed = _evaluate_elsewhere(cfg, per_seed, step_ckpts, data_dir)
         row = aggregate(per_seed, objectives)
         for name in objectives:
             if name in row:
@@ -155,10 +155,11 @@ def trial_driver(trial_config: dict, *, base: dict, storage: str, objectives: li
         ray.tune.report({**carried, **row})
 
 
-def _evaluate_elsewhere(cfg: Config, per_seed: list[dict], checkpoints: dict[int, Any]) -> list[dict]:
+def _evaluate_elsewhere(cfg: Config, per_seed: list[dict], checkpoints: dict[int, Any],
+                        data_dir: Optional[str]) -> list[dict]:
     from rayq.cluster.evaluator import evaluate_checkpoints
 
-    extra = evaluate_checkpoints(cfg, [checkpoints[k] for k in sorted(checkpoints)])
+    extra = evaluate_checkpoints(cfg, [checkpoints[k] for k in sorted(checkpoints)], data_dir)
     return [{**m, **e} for m, e in zip(per_seed, extra)]
 
 

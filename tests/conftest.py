@@ -20,3 +20,16 @@ def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-corpus")
     cfg = tiny_config(root / "text", root / "cache")
     return cfg, data_io.prepare(cfg)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests that check numbers, not speed: small ops on 2 OpenMP threads
+    crawl when the machine is shared (measured: a 100-step tiny GPT loop 83 s on 2 threads vs 5 s
+    on 1 under load). The kernel and eval rooms use it for every test (their conftest.py)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,14 +23,6 @@ def cfg_on(preset: str, cluster_file: str, **values):
     return resolve(preset=preset, values={**cluster_values(cluster_file), **values})
 
 
-@pytest.fixture(autouse=True)
-def plan_registered(monkeypatch):
-    """`rayq plan` through the real CLI (exit codes), whether or not rayq/cli.py lists it yet."""
-    from rayq import cli
-
-    monkeypatch.setitem(cli.COMMANDS, "plan", ("rayq.cluster.commands:plan", "memory and throughput plan"))
-
-
 def run_cli(argv, capsys) -> tuple[int, str, str]:
     code = cli_main(["plan", *argv])
     out = capsys.readouterr()

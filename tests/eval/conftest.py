@@ -11,12 +11,8 @@ from eval_helpers import toy_text, train_spm
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test of this room runs on one torch thread (tests/conftest.py: one_thread)."""
 
 
 @pytest.fixture(scope="session")

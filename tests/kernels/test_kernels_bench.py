@@ -6,18 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from rayq.kernels import bench
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """A smoke test: on a shared 2-core machine two OpenMP threads crawl under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_quick_bench_json_keys(capsys):
