@@ -133,7 +133,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcomes, info = sim.run_tune(strategies, seeds, milestones=milestones, eta=args.eta,
                                           tie_break=args.tie_break, per_search=args.per_search, noise=args.noise)
         info["runner"] = f"ray {ray.__version__} Tune, one Tuner.fit() per seed (all strategies in it)"
-        info.pop("storage", None)
     result = {
         "benchmark": "search",
         "grid": "paper-axes (11 recipes of Table A.3), 75000 steps, a report every 5000",

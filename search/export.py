@@ -48,7 +48,7 @@ from rayq.search.objectives import Direction, Objective, parse_constraints, pars
 from rayq.search.pareto import nondominated_ranks, objective_matrix
 from rayq.search.space import recipe_label
 
-__all__ = ["PICKS", "PAPER_KNOBS", "SCALE_KNOBS", "export", "SearchRun", "load_search", "choose",
+__all__ = ["PICKS", "PAPER_KNOBS", "SCALE_KNOBS", "export", "SearchRun", "choose",
            "utopia_distance", "typed_recipe"]
 
 PICKS = ("knee", "max-acc", "min-degradation")
@@ -87,10 +87,6 @@ class SearchRun:
     def trial_rows(self, trial_id: str) -> list[dict]:
         rows = [r for r in self.rows if r["trial_id"] == trial_id]
         return sorted(rows, key=lambda r: (r.get("step") or 0, r.get("time") or 0))
-
-
-def load_search(search_dir: str | os.PathLike) -> SearchRun:
-    return SearchRun(search_dir)
 
 
 # ----------------------------------------------------------------------------- choosing

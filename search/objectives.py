@@ -91,14 +91,10 @@ class Objective:
 
     def value(self, result: Mapping[str, Any]) -> float:
         """The objective's value in `result` as a float; NaN when missing or not a number."""
-        return _as_float(result.get(self.name))
-
-    def better(self, a: float, b: float) -> bool:
-        """True when `a` is strictly better than `b`."""
-        return a > b if self.direction is Direction.MAX else a < b
+        return as_float(result.get(self.name))
 
 
-def _as_float(v: Any) -> float:
+def as_float(v: Any) -> float:
     if v is None:
         return math.nan
     try:
@@ -191,11 +187,11 @@ def metric_bounds(result: Mapping[str, Any], name: str, z: float = 1.96) -> tupl
     else `<name>_se` (`kl_se`) as value +- z*se, else the point value itself (no uncertainty
     reported: the value is taken at face value). NaN when the metric is missing.
     """
-    v = _as_float(result.get(name))
-    lo, hi = _as_float(result.get(f"{name}_ci_low")), _as_float(result.get(f"{name}_ci_high"))
+    v = as_float(result.get(name))
+    lo, hi = as_float(result.get(f"{name}_ci_low")), as_float(result.get(f"{name}_ci_high"))
     if math.isfinite(lo) and math.isfinite(hi):
         return lo, hi
-    se = _as_float(result.get(f"{name}_se"))
+    se = as_float(result.get(f"{name}_se"))
     if math.isfinite(v) and math.isfinite(se):
         return v - z * se, v + z * se
     return v, v
@@ -237,7 +233,7 @@ class Constraint:
 
     def satisfied(self, result: Mapping[str, Any]) -> bool:
         """The point value meets the bound (a missing or NaN value does not)."""
-        v = _as_float(result.get(self.name))
+        v = as_float(result.get(self.name))
         if not math.isfinite(v):
             return False
         return v >= self.value if self.op == ">=" else v <= self.value

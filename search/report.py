@@ -22,6 +22,7 @@ no global backend state and is safe off the main thread. Every file is written a
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -29,11 +30,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from rayq.config import atomic_write_text, config_hash
+from rayq.config import atomic_write_bytes, atomic_write_text, config_hash
 from rayq.search import results as results_io
 from rayq.errors import UserError
 from rayq.search.export import CONFIG_PREFIX, SearchRun, _label, choose
-from rayq.search.objectives import Direction, Objective
+from rayq.search.objectives import Direction, Objective, as_float as _f
 from rayq.search.pareto import ranks_of
 
 __all__ = ["write_report", "PLOTS", "SUMMARY"]
@@ -48,13 +49,6 @@ _STYLE = {  # status -> (colour, marker)
 }
 
 
-def _f(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _fmt(v: Any) -> str:
     if v is None:
         return "–"
@@ -64,13 +58,10 @@ def _fmt(v: Any) -> str:
 
 
 def _save(fig: Any, path: Path) -> None:
-    """savefig into a temporary file of the same directory, then rename (readers never see half a PNG)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """savefig into memory, then an atomic write (readers never see half a PNG)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _figure(width: float, height: float) -> Any:

@@ -25,13 +25,12 @@ from typing import Any, Optional, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayq.config import atomic_write_text
+from rayq.config import atomic_write_bytes, atomic_write_text
 from rayq.errors import UserError
 
 RESULTS = "results.parquet"
 PARETO = "pareto.csv"
 SCHEDULER_STATE = "scheduler_state.json"
-ID_COLUMNS = ("trial_id", "recipe_id")
 FLUSH_SECONDS = 3.0
 
 
@@ -46,16 +45,20 @@ def _clean(value: Any) -> Any:
     return str(value)
 
 
-def result_row(trial_id: str, trial_config: dict, result: dict, base: Any, searched: Sequence[str]) -> dict:
-    """One results row. Every searched path is written with the trial's resolved value (the base
-    config's where the trial's point does not set it), so a null means null, never "not set"."""
+def config_columns(trial_config: dict, base: Any, searched: Sequence[str]) -> dict:
+    """A trial's `config/<path>` columns. Every searched path is written with the trial's resolved
+    value (the base config's where the trial's point does not set it), so a null means null, never
+    "not set". Fixed for the trial's life: computed once per trial, not per report."""
     from rayq.config import get_dotted
     from rayq.search.tuner import trial_config_for
 
     cfg = trial_config_for(base, trial_config)
-    row: dict[str, Any] = {"trial_id": trial_id, "recipe_id": trial_id, "time": time.time()}
-    for path in searched:
-        row[f"config/{path}"] = _clean(get_dotted(cfg, path))
+    return {f"config/{path}": _clean(get_dotted(cfg, path)) for path in searched}
+
+
+def result_row(trial_id: str, config_cols: dict, result: dict) -> dict:
+    """One results row: the trial, its `config_columns`, then the reported metrics."""
+    row: dict[str, Any] = {"trial_id": trial_id, "recipe_id": trial_id, "time": time.time(), **config_cols}
     for key, value in result.items():
         if key in ("config", "trial_id") or isinstance(value, dict):
             continue
@@ -77,10 +80,9 @@ def write_table(rows: Sequence[dict], path: Path) -> None:
         else:
             arrays[key] = pa.array([None if v is None else str(v) for v in values], type=pa.string())
     table = pa.table(arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    atomic_write_bytes(path, buf.getvalue().to_pybytes())
 
 
 def read_rows(out_dir: str | os.PathLike) -> list[dict]:

@@ -39,15 +39,15 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from rayq.search.objectives import Constraint, Objective, parse_constraints, parse_objectives
-from rayq.search.pareto import TIE_BREAKS, nondominated_ranks, priority_order
+from rayq.config import atomic_write_text
+from rayq.search.objectives import Constraint, Objective, as_float as _f, parse_constraints
+from rayq.search.pareto import TIE_BREAKS, _objectives, nondominated_ranks, priority_order
 
 __all__ = ["MilestoneScheduler", "Decision"]
 
@@ -70,13 +70,6 @@ class Decision:
     position: Optional[int] = None  # 1-based rank position at the rung
     rung_size: Optional[int] = None  # recipes recorded at the rung (including this one)
     front: Optional[int] = None  # 0-based non-dominated front at the rung
-
-
-def _f(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _step(v: Any, default: int) -> int:
@@ -105,10 +98,7 @@ class MilestoneScheduler(FIFOScheduler):
         verbose: bool = True,
     ):
         super().__init__()
-        objs = [o for o in objectives]
-        self.objectives: list[Objective] = (
-            objs if all(isinstance(o, Objective) for o in objs) else parse_objectives([str(o) for o in objs])
-        )
+        self.objectives: list[Objective] = _objectives(list(objectives))
         self.milestones: list[int] = sorted({int(m) for m in milestones})
         if not self.milestones or self.milestones[0] <= 0:
             raise ValueError("milestones: expected positive step numbers")
@@ -340,17 +330,7 @@ class MilestoneScheduler(FIFOScheduler):
 
     def save_state(self, path: str) -> None:
         """Write the state as JSON, atomically (readers see the old file or the new one)."""
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".scheduler.", dir=d)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.state_dict(), fh)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, json.dumps(self.state_dict()))
 
     def load_state(self, path: str) -> None:
         with open(path) as fh:

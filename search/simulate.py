@@ -39,7 +39,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from rayq.search.pareto import pareto_front
+from rayq.search.pareto import pareto_front, select_top
 from rayq.search.space import paper_axes_variants, recipe_label
 
 __all__ = [
@@ -122,12 +122,8 @@ def true_front(recipes: Sequence[SimRecipe] | None = None) -> list[str]:
 def knee(recipes: Sequence[SimRecipe] | None = None) -> str:
     """The front member closest to the utopia point after min-max scaling over the front."""
     recipes = list(recipes or paper_recipes())
-    front = [r for r in recipes if r.recipe_id in true_front(recipes)]
-    a = np.array([r.acc for r in front])
-    d = np.array([r.deg for r in front])
-    na = (a - a.min()) / max(a.max() - a.min(), 1e-12)
-    nd = (d - d.min()) / max(d.max() - d.min(), 1e-12)
-    return front[int(np.argmin((1 - na) ** 2 + (1 - nd) ** 2))].recipe_id
+    rows = [{ACC: r.acc, DEG: r.deg} for r in recipes]
+    return recipes[select_top(rows, OBJECTIVES, 1, "knee")[0]].recipe_id
 
 
 def _seed(*parts: Any) -> int:
@@ -269,8 +265,8 @@ def run_offline(scheduler: Any, sim_seed: int, strategy: str = "offline", max_co
             last.update(rep)
             if scheduler.on_trial_result(None, trial, rep) == "STOP":
                 last["done"] = True
-                if int(rep["step"]) < TOTAL_STEPS or getattr(scheduler, "is_stopped", lambda t: False)(trial.trial_id):
-                    stopped.add(rid) if int(rep["step"]) < TOTAL_STEPS else None
+                if int(rep["step"]) < TOTAL_STEPS:
+                    stopped.add(rid)
         still = []
         for trial, it, rid, last in running:
             if last.get("done"):

@@ -195,10 +195,7 @@ def _parse_param(path: str, spec: Any, cfg: Any, known: list[str]) -> Param:
     where = f"search.space.{path}"
     if path == POINTS:
         return _parse_points(spec, cfg, known)
-    if path not in known:
-        close = difflib.get_close_matches(path, known, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"{where}: unknown config path{hint}")
+    _known_path(path, known, where)
     if not isinstance(spec, Mapping) or len(spec) != 1:
         raise UserError(f"{where}: expected one of {{choice|grid: [values]}} or "
                         f"{{uniform|loguniform|randint: [lo, hi]}}, got {spec!r}")

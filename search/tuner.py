@@ -32,7 +32,6 @@ from rayq.schema import Config
 from rayq.search import results as results_io
 from rayq.search.space import TUNE_POINTS_KEY
 
-SEED_KEY = "seed"
 
 
 def recipe_values(trial_config: dict) -> dict:
@@ -208,19 +207,23 @@ class ResultsWriter(Callback):
 
     def _load(self) -> None:
         self.rows: list[dict] = results_io.read_rows(self.out_dir) if self.path.exists() else []
+        self._config_cols: dict[str, dict] = {}  # trial id -> its config/<path> columns
         self._last_flush = 0.0
 
     def __getstate__(self) -> dict:
         # Tune pickles callbacks once, when the experiment starts: the rows on disk are the truth
-        return {k: v for k, v in self.__dict__.items() if k != "rows"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("rows", "_config_cols")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._load()  # a restored search continues the table, it does not start it again
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.rows.append(results_io.result_row(trial.trial_id, dict(trial.config), dict(result), self.base,
-                                               self.searched))
+        cols = self._config_cols.get(trial.trial_id)
+        if cols is None:
+            cols = self._config_cols[trial.trial_id] = results_io.config_columns(dict(trial.config), self.base,
+                                                                                 self.searched)
+        self.rows.append(results_io.result_row(trial.trial_id, cols, dict(result)))
         if time.time() - self._last_flush >= results_io.FLUSH_SECONDS:
             self.flush()
 
