@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rayq.eval.scoring import eval_mode, model_device, no_grad_for
+from rayq.eval.scoring import autocast_of, eval_mode, model_device, no_grad_for
 
 
 def degradation(fp: Mapping[str, float], q: Mapping[str, float], tasks: Optional[Sequence[str]] = None) -> float:
@@ -115,7 +115,7 @@ def kl_agreement(fp_model: nn.Module, q_models: Mapping[str, nn.Module], batches
     """
     if not batches:
         raise ValueError("kl_agreement: no held-out batches")
-    autocast = policy.autocast if policy is not None else contextlib.nullcontext
+    autocast = autocast_of(policy)
     kl_seq: dict[str, list] = {k: [] for k in q_models}
     agree_seq: dict[str, list] = {k: [] for k in q_models}
     tokens = 0

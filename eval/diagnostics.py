@@ -17,7 +17,6 @@ Statistics are accumulated batch by batch (no activation is kept), so this runs 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -27,11 +26,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from rayq.eval.scoring import eval_mode, model_device, no_grad_for
+from rayq.eval.scoring import autocast_of, eval_mode, model_device, no_grad_for
+from rayq.model import BLOCK_LINEARS
 
-_LINEAR = re.compile(r"^blocks\.(\d+)\.(attn\.qkv|attn\.out|mlp\.fc_in|mlp\.fc_out)$")
+SITES = BLOCK_LINEARS  # the model's stable block-linear names
+_LINEAR = re.compile(r"^blocks\.(\d+)\.(" + "|".join(map(re.escape, SITES)) + r")$")
 _LAYERNORM = re.compile(r"^(blocks\.(\d+)\.(ln_attn|ln_mlp)|ln_f)$")
-SITES = ("attn.qkv", "attn.out", "mlp.fc_in", "mlp.fc_out")
 OUTLIER_SITES = ("attn.qkv", "mlp.fc_in")  # LayerNorm outputs, where Dettmers found the outlier features
 HIST_BINS = 60
 
@@ -184,7 +184,7 @@ def analyze(model: nn.Module, batches: Sequence[torch.Tensor], *, threshold: flo
 
     for name, (layer, site, mod) in linears.items():
         handles.append(mod.register_forward_pre_hook(hook_for(layer, site)))
-    autocast = policy.autocast if policy is not None else contextlib.nullcontext
+    autocast = autocast_of(policy)
     tokens = 0
     try:
         with no_grad_for(model_device(model)), eval_mode(model):

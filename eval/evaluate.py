@@ -13,7 +13,6 @@ tasks report `.../bpb` and `.../ppl` instead of `acc`.
 
 from __future__ import annotations
 
-import difflib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,25 +34,16 @@ Quantizer = Callable[[nn.Module, str], nn.Module]  # (FP model, scheme name) -> 
 # ============================================================================ quantization
 
 
-def list_scheme_names() -> Optional[list[str]]:
-    """The kernels' scheme names, or None when rayq.kernels does not provide them (yet)."""
-    try:
-        from rayq.kernels import list_schemes
-    except ImportError:
-        return None
-    return [s[0] if isinstance(s, tuple) else getattr(s, "name", s) for s in list_schemes()]
-
-
 def check_schemes(names: Sequence[str]) -> None:
-    """Fail before any scoring on an unknown scheme, naming the closest one."""
-    known = list_scheme_names()
-    if known is None:
-        return
+    """Fail before any scoring on an unknown scheme, naming the closest one (the kernels' registry
+    check, as a user error)."""
+    from rayq.kernels.schemes import SchemeError, scheme_class
+
     for name in names:
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise UserError(f"unknown quantization scheme {name!r}{hint} (rayq ls quant: {', '.join(known)})")
+        try:
+            scheme_class(name)
+        except SchemeError as exc:
+            raise UserError(str(exc)) from None
 
 
 def default_quantizer(calibration: Optional[Sequence[torch.Tensor]] = None, backend: str = "auto") -> Quantizer:
@@ -64,10 +54,8 @@ def default_quantizer(calibration: Optional[Sequence[torch.Tensor]] = None, back
     GEMM path (auto | eager | compiled | reference).
     """
     def quantize(model: nn.Module, scheme: str) -> nn.Module:
-        try:
-            from rayq.kernels import quantize_, scheme_from_name
-        except ImportError as exc:
-            raise UserError(f"quantization scheme {scheme!r} needs rayq.kernels, which is not available ({exc})") from None
+        from rayq.kernels import quantize_, scheme_from_name
+
         q = quantize_(model, scheme_from_name(scheme), inplace=False, backend=backend,
                       calibration=list(calibration) if calibration is not None else None)
         return q.eval()

@@ -73,11 +73,11 @@ def _build_class() -> type:
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             """Greedy decoding (sampling arguments are ignored) until a stop string or max_gen_toks."""
-            from rayq.eval.scoring import eval_mode, model_device, no_grad_for
+            from rayq.eval.scoring import autocast_of, eval_mode, model_device, no_grad_for
 
             out = []
             device = model_device(self.model)
-            autocast = self.policy.autocast if self.policy is not None else _null
+            autocast = autocast_of(self.policy)
             for req in requests:
                 context, kwargs = req.args[0], (req.args[1] if len(req.args) > 1 else {}) or {}
                 until = kwargs.get("until") or []
@@ -111,14 +111,6 @@ def _build_class() -> type:
         pass
     _CLASS["RayqLM"] = RayqLM
     return RayqLM
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _load_checkpoint(path: str, tokenizer: Any, device: Optional[str]):

@@ -107,6 +107,11 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def autocast_of(policy: Any):
+    """The recipe's autocast context factory of a `PrecisionPolicy`, or a null context without one."""
+    return policy.autocast if policy is not None else contextlib.nullcontext
+
+
 def no_grad_for(device: torch.device):
     """inference_mode where it is allowed; plain no_grad on XLA, whose F.linear rejects inference
     tensors ("Cannot set version_counter for inference tensor")."""
@@ -159,7 +164,7 @@ def score_tokens(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seque
     order = sorted(prepared, key=lambda r: -len(r[1]))
     out: list[Optional[TokenScore]] = [None] * len(requests)
     tick = _progress_every(progress, len(order), label)
-    autocast = policy.autocast if policy is not None else contextlib.nullcontext
+    autocast = autocast_of(policy)
     with no_grad_for(device), eval_mode(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]

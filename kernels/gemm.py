@@ -81,12 +81,12 @@ def _ceil_to(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
-def _cpu_int_mm(a: Tensor, w: Tensor, kernel: str, colsum: Optional[Tensor]) -> Tensor:
+def _cpu_int_mm(a: Tensor, w: Tensor, kernel: str) -> Tensor:
     if kernel == "u8s8" and supports_u8():  # same integers either way; older torch lacks u8
         # +128 is a flip of the sign bit of the byte; the 128 * colsum(W) term is subtracted here
         # (the compiled linear folds it into its dequant epilogue instead, see `w8a8_core`).
         acc = torch._int_mm(a.view(torch.uint8) ^ 128, w.t())
-        cs = colsum if colsum is not None else w.sum(1, dtype=torch.int32)
+        cs = w.sum(1, dtype=torch.int32)
         return acc.sub_(cs * 128)
     return torch._int_mm(a, w.t())
 
@@ -115,7 +115,7 @@ def _xla_int_mm(a: Tensor, w: Tensor) -> Tensor:
     return torch.matmul(a.to(torch.int32), w.t().to(torch.int32))
 
 
-def int8_mm(a: Tensor, w: Tensor, *, kernel: Optional[str] = None, colsum: Optional[Tensor] = None) -> Tensor:
+def int8_mm(a: Tensor, w: Tensor, *, kernel: Optional[str] = None) -> Tensor:
     """Exact X_q @ W_q^T for int8 a [M, K] and int8 w [N, K] -> int32 [M, N] (int64 past the
     overflow bound). Dispatches on the device type of `a`."""
     if a.dtype != torch.int8 or w.dtype != torch.int8:
@@ -133,7 +133,7 @@ def int8_mm(a: Tensor, w: Tensor, *, kernel: Optional[str] = None, colsum: Optio
         step = limit // 64 * 64
         return sum(int8_mm(a[:, i : i + step], w[:, i : i + step], kernel=kernel).to(torch.int64) for i in range(0, K, step))
     if device == "cpu":
-        return _cpu_int_mm(a, w, kernel, colsum)
+        return _cpu_int_mm(a, w, kernel)
     if device == "cuda":
         return _cuda_int_mm(a, w)
     if device == "xla":

@@ -103,8 +103,7 @@ class QuantLinear(QuantModule):
         x2 = x.reshape(-1, self.in_features)
         with torch.no_grad():
             if self.backend == "reference":
-                if self.check_finite and not bool(torch.isfinite(x2).all()):
-                    self._raise_nonfinite()
+                self._check(x2)
                 out = self._reference(x2).to(device=x.device)
             else:
                 out = self._fast(x2 if x2.dtype == torch.float32 else x2.float())
@@ -173,8 +172,7 @@ class W8A8Linear(QuantLinear):
             except Exception as exc:  # noqa: BLE001 - a broken compiler must not break evaluation
                 gemm.note_compile_failure(exc)
         out, absmax = result if result is not None else gemm.w8a8_core(*args)
-        if self.check_finite and not bool(torch.isfinite(absmax).all()):  # NaN/inf in a row poison its absmax
-            self._raise_nonfinite()
+        self._check(absmax)  # NaN/inf in a row poison its absmax
         return out
 
     def _reference(self, x: Tensor) -> Tensor:
@@ -198,8 +196,7 @@ class W8A8GroupLinear(QuantLinear):
 
     def _fast(self, x: Tensor) -> Tensor:
         out, absmax = gemm.group_core(x, self.qweight, self.w_scale, self.bias, self.group_size)
-        if self.check_finite and not bool(torch.isfinite(absmax).all()):
-            self._raise_nonfinite()
+        self._check(absmax)
         return out
 
     def _reference(self, x: Tensor) -> Tensor:
@@ -277,7 +274,7 @@ def register_handler(scheme_type: type[Scheme]):
     return deco
 
 
-def _float_weight(linear: nn.Linear, name: str) -> Tensor:
+def _float_weight(linear: nn.Linear | nn.Embedding, name: str) -> Tensor:
     w = linear.weight.detach().float()
     if not bool(torch.isfinite(w).all()):
         raise SchemeError(f"layer {name!r}: weight contains NaN or inf")
@@ -324,6 +321,9 @@ def _smoothquant(linear, scheme, *, name, backend, act_absmax=None):
 
 @register_handler(W8A8Groupwise)
 def _groupwise(linear, scheme, *, name, backend, act_absmax=None):
+    if linear.in_features % scheme.group_size:  # every replacement is built before any is swapped in
+        raise SchemeError(f"w8a8-group: group_size {scheme.group_size} does not divide the input width "
+                          f"{linear.in_features} of layer {name!r}")
     w = _float_weight(linear, name)
     q = W8A8GroupLinear(linear.in_features, linear.out_features, linear.bias is not None, name=name, scheme=scheme, backend=backend, group_size=scheme.group_size)
     codes, scale = gemm.quantize_weight_groups(w, scheme.group_size)
@@ -345,9 +345,7 @@ def _w4(linear, scheme, *, name, backend, act_absmax=None):
 
 
 def _quantize_embedding(emb: nn.Embedding, scheme: Scheme, name: str, backend: str) -> QuantEmbedding:
-    w = emb.weight.detach().float()
-    if not bool(torch.isfinite(w).all()):
-        raise SchemeError(f"layer {name!r}: weight contains NaN or inf")
+    w = _float_weight(emb, name)
     bits = scheme.weight_bits
     q = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, name=name, scheme=scheme, backend=backend, bits=bits)
     codes, scale = gemm.quantize_weight(w, qmax=gemm.QMAX8 if bits == 8 else gemm.QMAX4)
@@ -471,10 +469,6 @@ def quantize_(
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         seen = ", ".join(linears[:4]) + (", ..." if len(linears) > 4 else "") if linears else "none"
         raise SchemeError(f"{scheme.name}: no layers matched the selection (layers={layers!r}); nn.Linear modules in the model: {seen}")
-    if isinstance(scheme, W8A8Groupwise):
-        for n, m in targets:
-            if isinstance(m, nn.Linear) and m.in_features % scheme.group_size:
-                raise SchemeError(f"w8a8-group: group_size {scheme.group_size} does not divide the input width {m.in_features} of layer {n!r}")
     if not inplace:
         model = copy.deepcopy(model)
         targets = [(n, model.get_submodule(n)) for n, _ in targets]

@@ -101,10 +101,3 @@ def train_spm(text: str, vocab_size: int = 320):
     )
     return spm.SentencePieceProcessor(model_proto=buf.getvalue()), buf.getvalue()
 
-
-def kernels_available() -> bool:
-    try:
-        from rayq.kernels import quantize_, scheme_from_name  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -1,11 +1,6 @@
 import json
 
-import pytest
 
-from eval_helpers import kernels_available
-
-
-@pytest.mark.skipif(not kernels_available(), reason="rayq.kernels not available yet")
 def test_bench_eval_json_schema(capsys):
     from rayq.eval.bench import main
 

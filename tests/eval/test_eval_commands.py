@@ -10,9 +10,9 @@ from rayq.errors import UserError
 from rayq.eval.commands import analyze, eval_
 from rayq.schema import Config, EvalConfig, RecipeConfig
 
-from eval_helpers import FIXTURES, kernels_available
+from eval_helpers import FIXTURES
 
-SCHEMES = ["w8a8-vectorwise"] if kernels_available() else []
+SCHEMES = ["w8a8-vectorwise"]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from rayq.errors import UserError
 from rayq.eval import evaluate, load_tasks, make_eval_hook, token_batches
 from rayq.schema import Config, EvalConfig
 
-from eval_helpers import kernels_available
 
 
 def _tasks(gpt, size=64):
@@ -46,7 +45,6 @@ def test_builtin_tasks_score_well_above_chance(trained_gpt):
     assert "fp/heldout-ppl/acc" not in m  # perplexity tasks do not enter fp/acc
 
 
-@pytest.mark.skipif(not kernels_available(), reason="rayq.kernels (quantize_, scheme_from_name) not available yet")
 def test_w8a8_vectorwise_degradation_and_kl_with_ci_real_kernels(trained_gpt):
     model = trained_gpt.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -64,7 +62,6 @@ def test_w8a8_vectorwise_degradation_and_kl_with_ci_real_kernels(trained_gpt):
     assert all(type(mod).__name__ == "Linear" for n, mod in model.named_modules() if n.endswith("attn.qkv"))
 
 
-@pytest.mark.skipif(not kernels_available(), reason="rayq.kernels not available yet")
 def test_unknown_scheme_is_a_user_error_with_suggestion(trained_gpt):
     with pytest.raises(UserError, match="did you mean 'w8a8-vectorwise'"):
         evaluate(trained_gpt.model, [], ["w8a8-vectorwse"])

@@ -6,7 +6,6 @@ import pytest
 
 from rayq.eval import evaluate, load_task
 
-from eval_helpers import kernels_available
 
 YAML = """task: rayq_toy_cloze
 dataset_path: json
@@ -49,8 +48,6 @@ def _toy_task(gpt, tmp_path, size=16):
 
 @pytest.mark.parametrize("scheme", [None, "w8a8-vectorwise"])
 def test_simple_evaluate_matches_rayq_scoring(offline_lm_eval, trained_gpt, tmp_path, scheme):
-    if scheme and not kernels_available():
-        pytest.skip("rayq.kernels not available yet")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 

@@ -5,14 +5,13 @@ import math
 from rayq import config as config_io
 from rayq.eval import make_eval_hook
 
-from eval_helpers import kernels_available
 
 
 def test_hook_in_the_train_loop(tiny_setup, tmp_path):
     from rayq.train import LocalReporter, run
 
     cfg, data = tiny_setup
-    schemes = ["w8a8-vectorwise"] if kernels_available() else []
+    schemes = ["w8a8-vectorwise"]
     cfg = config_io.with_values(cfg, {"recipe.steps": 20, "train.eval_every": 10, "train.checkpoint_every": 0,
                                       "eval.task_size": 16, "eval.kl_tokens": 512, "eval.bootstrap_samples": 50,
                                       "eval.schemes": schemes})
