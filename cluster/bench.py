@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
         "train.checkpoint_every": 0, "recipe.precision": "fp32", "cluster.workers": 1,
         "cluster.cpus_per_worker": float(threads), "train.threads": threads})
     say = lambda msg: print(f"[bench train] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    data = data_io.prepare(cfg, progress=say)
+    data = data_io.prepare(cfg.data, cfg.model.vocab_size, progress=say)
     out: dict = {"preset": args.preset, "steps": steps, "threads": threads, **describe(),
                  "tokens_per_step": cfg.recipe.batch_size * cfg.model.seq_len}
     say("bare PyTorch loop (fp32)")

@@ -1,4 +1,5 @@
-"""`rayq train` (in-process, or on Ray Train workers) and `rayq plan`."""
+"""`rayq train` (in-process, or on Ray Train workers) and the launch arguments `rayq plan` shares
+(`rayq plan` itself is `rayq.cluster.plan:plan_command`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import sys
 from pathlib import Path
 
 from rayq import config as config_io
+from rayq import data as data_io
+from rayq import train as train_loop
+from rayq.allocator import keep_pages
+from rayq.cluster import evaluator
 from rayq.errors import UserError
 from rayq.schema import Config
 
@@ -86,13 +91,11 @@ def train(argv: list[str]) -> int:
     out = Path(args.out)
     _check_run_dir(out, cfg)
 
-    from rayq.allocator import keep_pages
-
     keep_pages()
     if cfg.cluster.workers == 0:
         metrics = _train_in_process(cfg, out, evaluate=args.evaluate)
     else:
-        from rayq.cluster.trainer import fit
+        from rayq.cluster.trainer import fit  # imports ray: only runs on Ray pay for it
 
         metrics = fit(cfg, out, evaluate=args.evaluate)
     if args.json:
@@ -105,24 +108,12 @@ def train(argv: list[str]) -> int:
 
 
 def _train_in_process(cfg: Config, out: Path, *, evaluate: bool) -> dict:
-    from rayq import data as data_io
-    from rayq import train as train_loop
-
-    data = data_io.prepare(cfg)
-    evaluator = None
-    if evaluate:
-        from rayq.eval import make_eval_hook
-
-        evaluator = make_eval_hook(cfg, data)
-    result = train_loop.run(cfg, train_loop.LocalReporter(out, cfg), data=data, evaluator=evaluator)
+    # the cluster room, not the loop, decides whether the loop evaluates (eval.placement)
+    evaluator.check(cfg, evaluate=evaluate, on_ray=False)
+    data = data_io.prepare(cfg.data, cfg.model.vocab_size)
+    hook = evaluator.loop_hook(cfg, data, evaluate=evaluate)
+    result = train_loop.run(cfg, train_loop.LocalReporter(out, cfg), data=data, evaluator=hook)
     if result.diverged:
         print(f"rayq train: diverged at step {result.step} (non-finite loss); last good checkpoint: "
               f"{result.checkpoint}", file=sys.stderr)
     return result.last_metrics
-
-
-def plan(argv: list[str]) -> int:
-    """`rayq plan`: memory per device and the tokens/s a full-scale run needs (cluster/plan.py)."""
-    from rayq.cluster.plan import plan_command
-
-    return plan_command(argv)

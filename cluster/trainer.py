@@ -4,20 +4,34 @@ Nothing here trains: the workers run the same loop as a local run, with a report
 to `ray.train.report`. Checkpoints become Ray Train checkpoints named `step_N` under
 `<storage>/checkpoints/`, so a run directory looks the same with or without Ray, and Ray's
 automatic resume (same storage path + name) and `FailureConfig` restarts bring the loop back
-through `ray.train.get_checkpoint()`. A controller-side callback appends every report to
-`metrics.jsonl` in the run directory.
+through `ray.train.get_checkpoint()`. A controller-side callback (`QueueReports`) forwards every
+report to the driver, which merges in the evaluator's metrics when evaluation runs elsewhere
+(`rayq.cluster.evaluator`) and appends it to `metrics.jsonl` with the train loop's one writer.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import queue as queue_lib
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+import ray
+import ray.data
+import ray.train
+from ray.train import UserCallback
+from ray.train.torch import TorchTrainer
+from ray.util.queue import Queue
+
 from rayq import config as config_io
+from rayq import data as data_io
+from rayq import metrics as names
+from rayq import train
+from rayq.cluster import backends, evaluator
 from rayq.errors import UserError
 from rayq.schema import Config
 
@@ -43,8 +57,6 @@ class RayTrainReporter:
     """The train loop's reporter inside a Ray Train worker."""
 
     def __init__(self) -> None:
-        import ray.train
-
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.node_id = ray.get_runtime_context().get_node_id()  # hostnames repeat when nodes share a machine
@@ -53,9 +65,7 @@ class RayTrainReporter:
         return Path(tempfile.mkdtemp(prefix=f"rayq-step_{step}-"))
 
     def report(self, metrics: dict, checkpoint: Optional[Path] = None) -> Optional[Path]:
-        import ray.train
-
-        metrics = {**metrics, "train/node_id": self.node_id}  # which node trained (it changes after a restart)
+        metrics = {**metrics, names.train("node_id"): self.node_id}  # which node trained (it changes after a restart)
         ckpt = None
         # rank 0 always holds the checkpoint; a sharded one (FSDP) has shard files on every rank,
         # and Ray Train merges the directories every rank reports into one checkpoint
@@ -63,99 +73,63 @@ class RayTrainReporter:
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint))
         # every rank reports (it is a barrier); only rank 0's metrics are kept
         ray.train.report(metrics, checkpoint=ckpt,
-                         checkpoint_dir_name=f"step_{metrics['step']}" if checkpoint is not None else None)
+                         checkpoint_dir_name=f"step_{metrics[names.STEP]}" if checkpoint is not None else None)
         if checkpoint is not None:
             shutil.rmtree(checkpoint, ignore_errors=True)  # uploaded synchronously by report()
         return None
 
     def restore(self) -> Optional[Path]:
-        import ray.train
-
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
         return Path(ckpt.to_directory())  # a local copy, whatever the storage
 
 
-def worker_data(cfg: Config, data_dir: Optional[str]) -> Any:
-    """The prepared data on a worker or evaluator task. The driver prepared it once; reuse its
-    directory when this node can see it (one machine, shared filesystems), else prepare here
-    (cached by content hash on this node)."""
-    from rayq import data as data_io
-
-    if data_dir and os.path.exists(os.path.join(data_dir, "manifest.json")):
-        return data_io.open_prepared(data_dir)
-    return data_io.prepare(cfg)
-
-
 def train_worker(loop_config: dict) -> None:
     """The per-worker function of the TorchTrainer: rebuild the config, run the one loop."""
-    from rayq import train
-    from rayq.cluster import backends
-
     cfg = config_io.build(Config, loop_config["config"])
     device = backends.setup_worker(cfg.cluster)
-    data = worker_data(cfg, loop_config.get("data_dir"))
-    evaluator = None
-    if loop_config.get("evaluate"):
-        from rayq.eval import make_eval_hook
-
-        evaluator = make_eval_hook(cfg, data)
+    data = data_io.reuse_or_prepare(loop_config.get("data_dir"), cfg.data, cfg.model.vocab_size)
+    hook = evaluator.loop_hook(cfg, data, evaluate=loop_config["evaluate"])
     reporter = RayTrainReporter()
     batches = ray_data_batches(cfg, reporter.world_size) if cfg.data.loader == "ray-data" else None
-    train.run(cfg, reporter, data=data, evaluator=evaluator, device=device, batches=batches)
+    train.run(cfg, reporter, data=data, evaluator=hook, device=device, batches=batches)
 
 
-def ray_data_batches(cfg: Config, world_size: int) -> Any:
+def ray_data_batches(cfg: Config, world_size: int) -> data_io.TokenStream:
     """This worker's batches from its Ray Data shard of the train split (`data.loader: ray-data`).
 
     The shard's token rows are read once into memory and windowed by the same `TokenStream` as
     the default loader, so order is seeded and the position resumes exactly; each worker sees
     only its shard, so a run is not batch-for-batch equal to a 1-worker run.
     """
-    import numpy as np
-    import ray.train
-
-    from rayq import data as data_io
-
     shard = ray.train.get_dataset_shard("train")
     parts = [data_io.tokens_from_arrow(t) for t in shard.iter_batches(batch_format="pyarrow", batch_size=None)]
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     return data_io.TokenStream(tokens, cfg.model.seq_len, cfg.recipe.batch_size // world_size, seed=cfg.train.seed)
 
 
-def _metrics_callback(run_dir: str) -> Any:
-    from ray.train import UserCallback
+class QueueReports(UserCallback):
+    """Forward rank 0's metrics and the checkpoint of every report of one Train run to a driver
+    thread through a Ray queue (controller side): `{"run": index, "metrics", "checkpoint"}`."""
 
-    class MetricsLog(UserCallback):
-        """Append rank 0's metrics of every report to <run_dir>/metrics.jsonl (controller side)."""
+    def __init__(self, reports: Queue, run_index: int = 0):
+        self.reports, self.run_index = reports, run_index
 
-        def after_report(self, run_context, metrics, checkpoint):  # noqa: D401 - Ray's hook name
-            row = dict(metrics[0])
-            if checkpoint is not None:
-                row["checkpoint_path"] = checkpoint.path
-            with open(Path(run_dir) / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(row, default=float) + "\n")
-
-    return MetricsLog()
+    def after_report(self, run_context, metrics, checkpoint):  # noqa: D401 - Ray's hook name
+        self.reports.put({"run": self.run_index, "metrics": dict(metrics[0]), "checkpoint": checkpoint})
 
 
 def build_trainer(cfg: Config, *, storage: str, name: str = CHECKPOINTS, evaluate: bool = False,
-                  callbacks: Optional[list] = None, data_dir: Optional[str] = None) -> Any:
-    """A TorchTrainer running `cfg` on `cfg.cluster.workers` workers, resuming from storage/name."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+                  callbacks: Optional[list] = None, data_dir: Optional[str] = None) -> TorchTrainer:
+    """A TorchTrainer running `cfg` on `cfg.cluster.workers` workers, resuming from storage/name.
 
-    from rayq.cluster import backends
-
+    `evaluate`: run the INT8 evaluator; the workers run it in the loop only with
+    `eval.placement: worker` (`rayq.cluster.evaluator`)."""
     backends.check_run(cfg)  # bad plans stop here, before any worker starts
     datasets = None
     if cfg.data.loader == "ray-data":
-        import ray.data
-
-        from rayq import data as data_io
-
-        files = data_io.open_prepared(data_dir).train_files() if data_dir else data_io.prepare(cfg).train_files()
+        files = data_io.reuse_or_prepare(data_dir, cfg.data, cfg.model.vocab_size).train_files()
         datasets = {"train": ray.data.read_parquet(files).select_columns(["tokens"])}
     return TorchTrainer(
         train_worker,
@@ -174,21 +148,65 @@ def build_trainer(cfg: Config, *, storage: str, name: str = CHECKPOINTS, evaluat
 
 
 def fit(cfg: Config, run_dir: str | Path, *, evaluate: bool = False) -> dict:
-    """`rayq train --workers N`: run `cfg` on Ray Train into `run_dir`; returns the last metrics."""
+    """`rayq train --workers N`: run `cfg` on Ray Train into `run_dir`; returns the last report
+    (with the evaluator's metrics, wherever they ran)."""
     run_dir = Path(run_dir).resolve()
     storage = cfg.cluster.storage or str(run_dir)
     if "://" in storage:
         raise UserError(f"cluster.storage={storage}: rayq train writes its run directory locally; "
                         "remote storage is for rayq search (use a local path or leave it null)")
+    evaluator.check(cfg, evaluate=evaluate, on_ray=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_io.save(cfg, run_dir / "config.yaml")
-    from rayq import data as data_io
-
-    data = data_io.prepare(cfg)  # once, on the driver
+    data = data_io.prepare(cfg.data, cfg.model.vocab_size)  # once, on the driver
     connect(cfg.cluster.address)
-    trainer = build_trainer(cfg, storage=storage, evaluate=evaluate, callbacks=[_metrics_callback(str(run_dir))],
+    reports = Queue(actor_options={"num_cpus": 0})
+    trainer = build_trainer(cfg, storage=storage, evaluate=evaluate, callbacks=[QueueReports(reports)],
                             data_dir=str(data.root))
-    result = trainer.fit()
+    log = _ReportLog(cfg, run_dir, reports, evaluate=evaluate, data_dir=str(data.root))
+    log.start()
+    try:
+        result = trainer.fit()
+    finally:
+        log.stop()
     if result.error is not None:
         raise result.error
-    return dict(result.metrics or {})
+    return log.last
+
+
+class _ReportLog(threading.Thread):
+    """The driver's consumer of one Train run's reports: evaluator metrics merged in
+    (`evaluator.checkpoint_metrics`), then one `metrics.jsonl` line per report."""
+
+    def __init__(self, cfg: Config, run_dir: Path, reports: Queue, *, evaluate: bool, data_dir: str):
+        super().__init__(name="rayq-report-log", daemon=True)
+        self.cfg, self.run_dir, self.reports = cfg, run_dir, reports
+        self.evaluate, self.data_dir = evaluate, data_dir
+        self.last: dict = {}
+        self.error: Optional[BaseException] = None
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while True:
+                try:
+                    item = self.reports.get(timeout=0.5)
+                except queue_lib.Empty:
+                    if self._stopping.is_set():
+                        return  # fit() returned and every report was read
+                    continue
+                row, ckpt = item["metrics"], item["checkpoint"]
+                if ckpt is not None:
+                    row = {**row, names.CHECKPOINT_PATH: ckpt.path}
+                [row] = evaluator.checkpoint_metrics(self.cfg, [row], [ckpt], evaluate=self.evaluate,
+                                                     data_dir=self.data_dir)
+                train.append_metrics(self.run_dir, row)
+                self.last = row
+        except BaseException as exc:  # noqa: BLE001 - re-raised by stop() on the driver thread
+            self.error = exc
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join()
+        if self.error is not None:
+            raise self.error

@@ -19,7 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from rayq import checkpoint as ckpt_io
+from rayq import config as config_io
 from rayq.errors import UserError
+from rayq.precision import PrecisionPolicy
 
 
 def _progress(msg: str) -> None:
@@ -46,33 +49,16 @@ def _split(text: Optional[str]) -> Optional[list[str]]:
 
 
 def _load(args: Any, values: dict) -> tuple:
-    """(checkpoint dir, step, config, model, policy, device) of the CLI arguments."""
-    import torch
-
-    from rayq import checkpoint as ckpt_io
-    from rayq import config as config_io
-    from rayq.model import GPT
-    from rayq.precision import PrecisionPolicy
-
+    """(checkpoint dir, step, config, model, policy, device) of the CLI arguments. The model is the
+    checkpoint's (`rayq.checkpoint.load_model`); the config is its config.yaml with `--set` and
+    the flags applied, which say what to evaluate."""
     path = ckpt_io.resolve_checkpoint(args.checkpoint)
     cfg = config_io.resolve(config_file=path / "config.yaml", overrides=args.overrides, values=values)
-    state = ckpt_io.load(path, with_optimizer=False)
-    device_name = args.device or cfg.train.device
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device_name)
-    except RuntimeError:
-        raise UserError(f"--device {device_name}: not a torch device") from None
-    model = GPT(cfg.model)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise UserError(f"{path}/model.pt does not match the model of its config.yaml ({str(exc).splitlines()[0]})") from None
-    model.to(device).eval()
+    device = ckpt_io.resolve_device(args.device or cfg.train.device)
+    loaded = ckpt_io.load_model(path, device)
     precision = getattr(args, "precision", "recipe")
     policy = None if precision == "fp32" else PrecisionPolicy.from_recipe(cfg.recipe, device.type)
-    return path, int(state["trainer"].get("step", 0)), cfg, model, policy, device
+    return loaded.path, loaded.step, cfg, loaded.model, policy, device
 
 
 def _data_parts(args: Any, cfg: Any) -> dict:
@@ -106,7 +92,7 @@ def _data_parts(args: Any, cfg: Any) -> dict:
 def _prepared(cfg: Any):
     from rayq import data as data_io
 
-    return data_io.prepare(cfg, progress=_progress)
+    return data_io.prepare(cfg.data, cfg.model.vocab_size, progress=_progress)
 
 
 # ============================================================================ rayq eval
@@ -202,10 +188,8 @@ def eval_(argv: Sequence[str]) -> int:
     _progress(f"rayq eval: {path} (step {step}) on {device}, tasks {', '.join(cfg.eval.tasks)}, "
               f"schemes {', '.join(cfg.eval.schemes) or 'none'}")
     inputs = eval_inputs(cfg, **_data_parts(args, cfg))
-    e = cfg.eval
-    result = evaluate(model, inputs.tasks, e.schemes, tokenizer=inputs.tokenizer, kl_batches=inputs.kl_batches,
-                      batch_size=e.batch_size, policy=policy, bootstrap_samples=e.bootstrap_samples,
-                      confidence=e.confidence, diagnostics=e.diagnostics, progress=_progress,
+    result = evaluate(model, inputs.tasks, cfg.eval, tokenizer=inputs.tokenizer, kl_batches=inputs.kl_batches,
+                      policy=policy, progress=_progress,
                       quantizer=default_quantizer(inputs.kl_batches[:2] or None, backend=args.backend))
     doc = {"checkpoint": str(path), "step": step,
            "precision": "fp32" if policy is None else policy.precision, **result.to_dict()}

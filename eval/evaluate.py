@@ -1,32 +1,39 @@
-"""`evaluate(model, tasks, schemes)`: FP scores, per-scheme scores, degradation with CI, KL.
+"""`evaluate(model, tasks, cfg.eval)`: FP scores, per-scheme scores, degradation with CI, KL.
 
 The FP model is never modified: each scheme quantizes a deep copy (`rayq.kernels.quantize_`), one
 scheme at a time so that only one quantized copy is alive. Tasks are tokenized once and the same
 token requests are scored by every model, so FP and Q see identical items (the bootstrap pairs
 them). `make_eval_hook(cfg, data)` wraps this for the train loop's eval steps.
 
-Metric names (DESIGN.md): `fp/<task>/acc`, `fp/acc`, `q/<scheme>/<task>/acc`, `q/<scheme>/acc`,
-`ptq/<scheme>/degradation_pct` (+ `_ci_low`, `_ci_high`), `ptq/<scheme>/kl`, `ptq/<scheme>/kl_se`,
-`ptq/<scheme>/top1_agree` (+ `_se`), `diag/...`; LAMBADA-style tasks add `.../ppl`, perplexity
-tasks report `.../bpb` and `.../ppl` instead of `acc`.
+Metric names come from `rayq.metrics`: `fp/<task>/<m>` for each metric a task reports
+(multiple-choice tasks: `acc`, `acc_norm`, `acc_bytes`; LAMBADA-style: `acc`, `ppl`; perplexity
+tasks: `bpb`, `ppl`), `fp/<m>` the mean of m over the tasks that report it, the same under
+`q/<scheme>/`, `ptq/<scheme>/degradation_pct` (+ `_ci_low`, `_ci_high`; over each task's primary
+metric), `ptq/<scheme>/kl` (+ `_se`), `ptq/<scheme>/top1_agree` (+ `_se`), `diag/...`.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from rayq import metrics as metric_names
 from rayq.errors import UserError
+from rayq.kernels import quantize_, scheme_from_name
+from rayq.kernels.schemes import SchemeError, scheme_class
+from rayq.schema import Config, EvalConfig
+from rayq.train import EvalHook
 from rayq.eval.degradation import Interval, KLStats, kl_agreement, paired_bootstrap, token_batches
 from rayq.eval.diagnostics import Diagnostics, analyze
 from rayq.eval.scoring import Progress, TaskScores, as_tokenizer, encode_task, model_max_len, score_task
-from rayq.eval.tasks import LAST_WORD, PERPLEXITY, Task, load_tasks
+from rayq.eval.tasks import PERPLEXITY, LastWord, MultipleChoice, Task, load_tasks
 
 Quantizer = Callable[[nn.Module, str], nn.Module]  # (FP model, scheme name) -> a quantized copy
 
@@ -37,8 +44,6 @@ Quantizer = Callable[[nn.Module, str], nn.Module]  # (FP model, scheme name) -> 
 def check_schemes(names: Sequence[str]) -> None:
     """Fail before any scoring on an unknown scheme, naming the closest one (the kernels' registry
     check, as a user error)."""
-    from rayq.kernels.schemes import SchemeError, scheme_class
-
     for name in names:
         try:
             scheme_class(name)
@@ -54,8 +59,6 @@ def default_quantizer(calibration: Optional[Sequence[torch.Tensor]] = None, back
     GEMM path (auto | eager | compiled | reference).
     """
     def quantize(model: nn.Module, scheme: str) -> nn.Module:
-        from rayq.kernels import quantize_, scheme_from_name
-
         q = quantize_(model, scheme_from_name(scheme), inplace=False, backend=backend,
                       calibration=list(calibration) if calibration is not None else None)
         return q.eval()
@@ -86,39 +89,37 @@ class EvalResult:
     meta: dict = field(default_factory=dict)
 
     @staticmethod
-    def _task_metrics(prefix: str, scores: Mapping[str, TaskScores]) -> dict[str, float]:
-        out = {}
-        accs = []
-        for name, s in scores.items():
-            if s.kind == PERPLEXITY:
-                out[f"{prefix}/{name}/bpb"] = s.metrics["bpb"]
-                out[f"{prefix}/{name}/ppl"] = s.metrics["ppl"]
-                continue
-            out[f"{prefix}/{name}/acc"] = s.score
-            accs.append(s.score)
-            if s.kind == LAST_WORD:
-                out[f"{prefix}/{name}/ppl"] = s.metrics["ppl"]
-        # always present (NaN without accuracy tasks): the search's objectives need every key in every report
-        out[f"{prefix}/acc"] = float(np.mean(accs)) if accs else float("nan")
+    def _task_metrics(name_of: Callable[[Optional[str], str], str], scores: Mapping[str, TaskScores]) -> dict:
+        """Each task's metrics under their own names (an `acc_norm` stays `acc_norm`), plus the
+        mean of each of `metrics.MEAN_METRICS` over the tasks that report it. The means are always
+        present (NaN when no task reports one): the search's objectives need every key in every report."""
+        out: dict[str, float] = {}
+        for task, s in scores.items():
+            for m, value in s.metrics.items():
+                if m in metric_names.TASK_METRICS:
+                    out[name_of(task, m)] = value
+        for m in metric_names.MEAN_METRICS:
+            values = [s.metrics[m] for s in scores.values() if m in s.metrics]
+            out[name_of(None, m)] = float(np.mean(values)) if values else float("nan")
         return out
 
     def metrics(self) -> dict[str, float]:
-        """Flat metrics under DESIGN.md's names; every value a float (NaN where undefined)."""
-        out = self._task_metrics("fp", self.fp)
+        """Flat metrics under `rayq.metrics` names; every value a float (NaN where undefined)."""
+        out = self._task_metrics(metric_names.fp, self.fp)
         nan = float("nan")
         for name, r in self.schemes.items():
-            out.update(self._task_metrics(f"q/{name}", r.tasks))
-            p = f"ptq/{name}"
+            out.update(self._task_metrics(functools.partial(metric_names.q, name), r.tasks))
+            ptq = functools.partial(metric_names.ptq, name)
             if any(s.kind != PERPLEXITY for s in r.tasks.values()):
                 d = r.degradation
-                out[f"{p}/degradation_pct"] = d.estimate if d else nan
-                out[f"{p}/degradation_pct_ci_low"] = d.low if d else nan
-                out[f"{p}/degradation_pct_ci_high"] = d.high if d else nan
+                out[ptq("degradation_pct")] = d.estimate if d else nan
+                out[ptq("degradation_pct_ci_low")] = d.low if d else nan
+                out[ptq("degradation_pct_ci_high")] = d.high if d else nan
             k = r.kl  # NaN without held-out tokens, so the keys are there for the search either way
-            out[f"{p}/kl"] = k.kl if k else nan
-            out[f"{p}/kl_se"] = k.kl_se if k else nan
-            out[f"{p}/top1_agree"] = k.top1_agree if k else nan
-            out[f"{p}/top1_agree_se"] = k.top1_agree_se if k else nan
+            out[ptq("kl")] = k.kl if k else nan
+            out[ptq("kl_se")] = k.kl_se if k else nan
+            out[ptq("top1_agree")] = k.top1_agree if k else nan
+            out[ptq("top1_agree_se")] = k.top1_agree_se if k else nan
         if self.diagnostics is not None:
             out.update(self.diagnostics.summary())
         return {k: float(v) for k, v in out.items()}
@@ -155,18 +156,19 @@ def _say(progress: Progress, msg: str) -> None:
         progress(msg)
 
 
-def evaluate(model: nn.Module, tasks: Sequence[Task], schemes: Sequence[str] = (), *, tokenizer: Any = None,
-             kl_batches: Optional[Sequence[torch.Tensor]] = None, batch_size: int = 16, policy: Any = None,
-             bootstrap_samples: int = 1000, confidence: float = 0.95, seed: int = 0,
-             quantizer: Optional[Quantizer] = None, diagnostics: bool = False,
-             diagnostic_batches: Optional[Sequence[torch.Tensor]] = None, progress: Progress = None,
-             encoded: Optional[dict] = None) -> EvalResult:
-    """Score `model` (FP) and a quantized copy per scheme on `tasks`; see the module docstring.
+def evaluate(model: nn.Module, tasks: Sequence[Task], eval_cfg: EvalConfig, *, tokenizer: Any = None,
+             kl_batches: Optional[Sequence[torch.Tensor]] = None, policy: Any = None, seed: int = 0,
+             quantizer: Optional[Quantizer] = None, diagnostic_batches: Optional[Sequence[torch.Tensor]] = None,
+             progress: Progress = None, encoded: Optional[dict] = None) -> EvalResult:
+    """Score `model` (FP) and a quantized copy per scheme of `eval_cfg` on `tasks`; see the module docstring.
 
+    `eval_cfg` gives the schemes, scoring batch size, bootstrap size, confidence and whether to
+    run the diagnostics (its `tasks` were already turned into `tasks` by `eval_inputs`).
     `kl_batches`: held-out token tensors (B, T) for KL(FP || Q) and top-1 agreement.
     `quantizer`: (model, scheme) -> quantized copy; defaults to rayq.kernels on a deep copy.
     `encoded`: a dict to cache the tasks' token requests in across calls (the train-loop hook).
     """
+    schemes, batch_size = eval_cfg.schemes, eval_cfg.batch_size
     t0 = time.perf_counter()
     if tasks and tokenizer is None:
         raise ValueError("evaluate: a tokenizer is needed to score tasks")
@@ -208,16 +210,17 @@ def evaluate(model: nn.Module, tasks: Sequence[Task], schemes: Sequence[str] = (
         if usable:
             interval = paired_bootstrap({n: fp[n].per_item[fp[n].primary] for n in usable},
                                         {n: qs[n].per_item[qs[n].primary] for n in usable},
-                                        samples=bootstrap_samples, confidence=confidence, seed=seed)
+                                        samples=eval_cfg.bootstrap_samples, confidence=eval_cfg.confidence,
+                                        seed=seed)
         results[scheme] = SchemeResult(scheme, qs, interval, usable, kl, time.perf_counter() - ts)
     diag = None
-    if diagnostics:
+    if eval_cfg.diagnostics:
         batches = diagnostic_batches if diagnostic_batches is not None else (kl_batches[:2] if kl_batches else None)
         if not batches:
             raise ValueError("evaluate: diagnostics need held-out batches")
         _say(progress, "eval: diagnostics")
         diag = analyze(model, batches, policy=policy)
-    return EvalResult(fp, results, confidence, diag, time.perf_counter() - t0,
+    return EvalResult(fp, results, eval_cfg.confidence, diag, time.perf_counter() - t0,
                       meta={"tasks": {t.name: t.source for t in tasks}, "schemes": list(schemes)})
 
 
@@ -233,7 +236,7 @@ class EvalInputs:
     kl_batches: list[torch.Tensor]
 
 
-def eval_inputs(cfg: Any, data: Any = None, *, tokenizer: Any = None, heldout_texts: Optional[Mapping[str, str]] = None,
+def eval_inputs(cfg: Config, data: Any = None, *, tokenizer: Any = None, heldout_texts: Optional[Mapping[str, str]] = None,
                 heldout_tokens: Any = None, task_seed: int = 0) -> EvalInputs:
     """Tasks and held-out KL batches of `cfg.eval`, from a `rayq.data.PreparedData` or explicit parts.
 
@@ -263,10 +266,6 @@ def fit_to_context(task: Task, tok: Any, max_len: int) -> Task:
     """Drop the items whose scored continuation cannot fit the model's context with at least one
     token of context: truncating them would score a different (shorter) string. Contexts that are
     too long are cut from the left by the scorer, as lm-eval does."""
-    from dataclasses import replace
-
-    from rayq.eval.tasks import LastWord, MultipleChoice
-
     def fits(item: Any) -> bool:
         if isinstance(item, MultipleChoice):
             return all(len(tok.encode(c)) < max_len for c in item.continuations)
@@ -284,10 +283,7 @@ def fit_to_context(task: Task, tok: Any, max_len: int) -> Task:
     return replace(task, items=kept)
 
 
-EvalHook = Callable[[nn.Module, int, Any], dict]
-
-
-def make_eval_hook(cfg: Any, data: Any = None, *, inputs: Optional[EvalInputs] = None,
+def make_eval_hook(cfg: Config, data: Any = None, *, inputs: Optional[EvalInputs] = None,
                    quantizer: Optional[Quantizer] = None, progress: Progress = None, **parts: Any) -> EvalHook:
     """The train loop's `evaluator(model, step, policy) -> {metric: float}` for `cfg.eval`.
 
@@ -301,12 +297,10 @@ def make_eval_hook(cfg: Any, data: Any = None, *, inputs: Optional[EvalInputs] =
     cache: dict = {}  # the tasks' token requests, tokenized at the first eval step only
 
     def hook(model: nn.Module, step: int, policy: Any = None) -> dict:
-        result = evaluate(model, inputs.tasks, e.schemes, tokenizer=inputs.tokenizer, kl_batches=inputs.kl_batches,
-                          batch_size=e.batch_size, policy=policy, bootstrap_samples=e.bootstrap_samples,
-                          confidence=e.confidence, seed=0, quantizer=quantizer, diagnostics=e.diagnostics,
-                          progress=progress, encoded=cache)
+        result = evaluate(model, inputs.tasks, e, tokenizer=inputs.tokenizer, kl_batches=inputs.kl_batches,
+                          policy=policy, quantizer=quantizer, progress=progress, encoded=cache)
         metrics = result.metrics()
-        metrics["eval/seconds"] = float(result.seconds)
+        metrics[metric_names.eval_("seconds")] = float(result.seconds)
         return metrics
 
     hook.inputs = inputs  # type: ignore[attr-defined]

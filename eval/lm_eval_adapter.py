@@ -116,28 +116,20 @@ def _build_class() -> type:
 def _load_checkpoint(path: str, tokenizer: Any, device: Optional[str]):
     """(model, tokenizer, policy) of a checkpoint; `tokenizer` may be a .model path, an object, or None
     (then the prepared data of the checkpoint's config provides it)."""
-    import torch
-
     from rayq import checkpoint as ckpt_io
-    from rayq.model import GPT
+    from rayq import data as data_io
     from rayq.precision import PrecisionPolicy
 
-    ckpt_dir = ckpt_io.resolve_checkpoint(path)
-    state = ckpt_io.load(ckpt_dir, with_optimizer=False)
-    cfg = state["config"]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = GPT(cfg.model)
-    model.load_state_dict(state["model"])
-    model.to(dev)
+    loaded = ckpt_io.load_model(path, device or "auto")
+    cfg = loaded.config
     if tokenizer is None:
-        from rayq import data as data_io
-
-        tokenizer = data_io.prepare(cfg).tokenizer()
+        tokenizer = data_io.prepare(cfg.data, cfg.model.vocab_size).tokenizer()
     elif isinstance(tokenizer, str):
         import sentencepiece as spm
 
         tokenizer = spm.SentencePieceProcessor(model_file=tokenizer)
-    return model, tokenizer, PrecisionPolicy.from_recipe(cfg.recipe, dev.type)
+    device_type = next(loaded.model.parameters()).device.type
+    return loaded.model, tokenizer, PrecisionPolicy.from_recipe(cfg.recipe, device_type)
 
 
 def from_checkpoint(path: str, *, scheme: Optional[str] = None, tokenizer: Any = None, batch_size: int = 16,

@@ -6,9 +6,11 @@ Layout of `step_N/`:
   trainer.pt    step, loss-scaler state, RNG states, data position, counters
   config.yaml   the resolved config (so a checkpoint alone says what produced it)
 
-A sharded checkpoint (FSDP runs, `rayq.sharding`) has `.metadata` and `__<rank>_0.distcp`
-(torch.distributed.checkpoint) in place of model.pt / optim.pt; `load` reads it as a full,
-unsharded state dict, so everything that reads a checkpoint works on both layouts.
+A sharded checkpoint (the FSDP and SPMD strategies of `rayq.parallel`) has `.metadata` and
+`__<rank>_0.distcp` (torch.distributed.checkpoint, DCP) in place of model.pt / optim.pt, with the
+optimizer state keyed by parameter names; `load` reads it as a full, unsharded state dict, so
+everything that reads a checkpoint works on both layouts. `load_model(path, device)` is the one
+way to get a model back out of a checkpoint (`rayq eval`, the evaluator task, the lm-eval adapter).
 
 Writers build the directory under a temporary name next to its destination and rename it in one
 step, so a killed run leaves either the old checkpoint or the new one, never half of one.
@@ -21,13 +23,20 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.nn as nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from rayq import config as config_io
 from rayq.errors import UserError
+from rayq.model import GPT
 from rayq.schema import Config
 
 FILES = ("model.pt", "optim.pt", "trainer.pt", "config.yaml")
@@ -85,13 +94,9 @@ def load(directory: str | os.PathLike, *, with_optimizer: bool = True) -> dict:
     if not d.is_dir():
         raise UserError(f"{d}: not a checkpoint directory")
     if is_sharded(d):
-        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-
-        from rayq import sharding
-
         try:
-            out = sharding.load_full_state_dict(d, with_optimizer=with_optimizer)
-        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - many types for missing or damaged shards
+            out = load_full_state_dict(d, with_optimizer=with_optimizer)
+        except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException  # noqa: BLE001 - many types for missing or damaged shards
             detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{d}: corrupted or incomplete sharded checkpoint ({detail})") from None
         out["trainer"] = _load(d / "trainer.pt")
@@ -100,6 +105,44 @@ def load(directory: str | os.PathLike, *, with_optimizer: bool = True) -> dict:
         out["optim"] = _load(d / "optim.pt") if with_optimizer and (d / "optim.pt").exists() else None
     out["config"] = load_config(d)
     return out
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's model, ready to score: on its device, in eval mode."""
+
+    path: Path  # the step_N directory it came from
+    step: int
+    config: Config  # the checkpoint's own resolved config
+    model: GPT
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """A torch device from a config or flag value: `auto` (or None) is CUDA when present, else CPU."""
+    if isinstance(name, torch.device):
+        return name
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r}: not a torch device (expected auto, cpu, cuda, cuda:N, xla)") from None
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = "auto") -> LoadedModel:
+    """The model of a checkpoint dir, a run dir (its latest checkpoint) or its checkpoints/ dir,
+    full or sharded, built from the checkpoint's own config.yaml and placed on `device`."""
+    ckpt_dir = resolve_checkpoint(path)
+    state = load(ckpt_dir, with_optimizer=False)
+    cfg = state["config"]
+    model = GPT(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UserError(f"{ckpt_dir}: its weights do not match the model of its config.yaml "
+                        f"({str(exc).splitlines()[0]})") from None
+    model.to(resolve_device(device)).eval()
+    return LoadedModel(ckpt_dir, int(state["trainer"].get("step", 0)), cfg, model)
 
 
 def load_trainer(directory: str | os.PathLike) -> dict:
@@ -148,3 +191,35 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if (found := latest(root)) is not None:
             return found
     raise UserError(f"{p}: no checkpoint found (expected a step_N directory with model.pt or sharded .metadata)")
+
+
+# ----------------------------------------------------------------------------- sharded (DCP) layout
+
+
+def optim_ids_to_fqns(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A plain `optimizer.state_dict()` (params numbered in group order) keyed by parameter names."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    fqns = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {"state": {fqns[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def optim_fqns_to_ids(state: dict) -> dict:
+    """The inverse: name-keyed optimizer state (DCP checkpoints) as a plain `optimizer.state_dict()`."""
+    ids: dict[str, int] = {}
+    for g in state["param_groups"]:
+        for fqn in g["params"]:
+            ids.setdefault(fqn, len(ids))
+    return {"state": {ids[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [ids[f] for f in g["params"]]} for g in state["param_groups"]]}
+
+
+def load_full_state_dict(directory: str | os.PathLike, *, with_optimizer: bool = False) -> dict:
+    """A sharded checkpoint as full, unsharded tensors, without a process group:
+    {"model": state dict, "optim": plain optimizer state dict or None}."""
+    keys = {"model", "optim"} if with_optimizer else {"model"}
+    state: dict = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(str(directory)),
+                     planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    optim = state.get("optim")
+    return {"model": state["model"], "optim": optim_fqns_to_ids(optim) if optim else None}

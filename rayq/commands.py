@@ -105,7 +105,7 @@ def data(argv: Sequence[str]) -> int:
     from rayq import data as data_io
 
     cfg = config_from_args(args)
-    prepared = data_io.prepare(cfg, progress=_progress)
+    prepared = data_io.prepare(cfg.data, cfg.model.vocab_size, progress=_progress)
     summary = prepared.summary()
     if args.json:
         print(json.dumps(summary))

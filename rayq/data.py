@@ -1,6 +1,6 @@
 """Prepared data: documents -> SentencePiece tokenizer -> Parquet token shards -> batches.
 
-`prepare(cfg)` builds (or finds) `<cache_dir>/prepared/<key>/`, where `key` hashes the documents'
+`prepare(data_cfg, vocab_size)` builds (or finds) `<cache_dir>/prepared/<key>/`, where `key` hashes the documents'
 names and texts plus the config fields that change the output, so every trial, worker and rerun
 with the same inputs reuses one copy. It is built in a temporary sibling directory and renamed
 into place, so a killed prepare never leaves a half-written cache, and concurrent workers racing
@@ -43,6 +43,7 @@ import numpy as np
 
 from rayq.corpus import Document, closest_name, load_documents
 from rayq.errors import UserError
+from rayq.schema import DataConfig
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -78,19 +79,19 @@ def _shard_schema():
 # ============================================================================ hashing
 
 
-def _relevant_config(cfg) -> dict:
+def _relevant_config(data_cfg: DataConfig, vocab_size: int) -> dict:
     """Config fields that change the prepared output (not cache_dir, not seq_len: windows are
     cut at batch time, so one prepared copy serves every context length)."""
-    d = asdict(cfg.data)
+    d = asdict(data_cfg)
     d.pop("cache_dir")
     d.pop("sources")  # the documents themselves are hashed instead of where they came from
     d.pop("loader")  # how workers read the shards, not what is in them
-    return {"vocab_size": cfg.model.vocab_size, "data": d, "schema_version": SCHEMA_VERSION}
+    return {"vocab_size": vocab_size, "data": d, "schema_version": SCHEMA_VERSION}
 
 
-def prepare_key(cfg, docs: list[Document]) -> str:
+def prepare_key(data_cfg: DataConfig, vocab_size: int, docs: list[Document]) -> str:
     """Content hash of the documents (names and texts, in order) and the relevant config."""
-    h = hashlib.sha256(json.dumps(_relevant_config(cfg), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(_relevant_config(data_cfg, vocab_size), sort_keys=True).encode())
     for doc in docs:
         h.update(doc.name.encode() + b"\0" + doc.text.encode("utf-8", "surrogatepass") + b"\0")
     return h.hexdigest()[:16]
@@ -99,7 +100,7 @@ def prepare_key(cfg, docs: list[Document]) -> str:
 # ============================================================================ splitting
 
 
-def _split_documents(cfg, docs: list[Document]) -> tuple[list[Document], list[Document]]:
+def _split_documents(data_cfg: DataConfig, docs: list[Document]) -> tuple[list[Document], list[Document]]:
     """(train, heldout): named documents held out whole, plus the tail of every other document
     when heldout_fraction > 0 (cut at a line boundary so the raw text stays readable)."""
     names = [d.name for d in docs]
@@ -108,16 +109,16 @@ def _split_documents(cfg, docs: list[Document]) -> tuple[list[Document], list[Do
         if name in seen:
             raise UserError(f"data: duplicate document name {name!r}")
         seen.add(name)
-    for name in cfg.data.heldout_documents:
+    for name in data_cfg.heldout_documents:
         if name not in seen:
             raise UserError(f"data.heldout_documents: no document named {name!r}{closest_name(name, names)}")
-    held = set(cfg.data.heldout_documents)
+    held = set(data_cfg.heldout_documents)
     train, heldout = [], []
     for doc in docs:
         if doc.name in held:
             heldout.append(doc)
             continue
-        frac = cfg.data.heldout_fraction
+        frac = data_cfg.heldout_fraction
         if frac > 0 and len(doc.text) > 1:
             cut = int(len(doc.text) * (1 - frac))
             nl = doc.text.rfind("\n", 0, cut)
@@ -371,13 +372,13 @@ class PreparedData:
         }
 
 
-def open_prepared(path: str | os.PathLike) -> PreparedData:
-    return PreparedData(path)
-
-
-def train_files(data: PreparedData) -> list[str]:
-    """The train split as a list of Parquet paths (what Ray Data reads in distributed runs)."""
-    return data.train_files()
+def reuse_or_prepare(data_dir: Optional[str | os.PathLike], data_cfg: DataConfig, vocab_size: int) -> PreparedData:
+    """The prepared data where another process (a Ray driver) prepared it, when this process can
+    see that directory (one machine, a shared filesystem); otherwise prepared here (cached by
+    content hash on this node)."""
+    if data_dir and _is_complete(Path(data_dir)):
+        return PreparedData(data_dir)
+    return prepare(data_cfg, vocab_size)
 
 
 def _is_complete(root: Path) -> bool:
@@ -400,20 +401,22 @@ def _remove_stale_tmp(prepared_dir: Path) -> None:
             pass
 
 
-def prepare(cfg, *, progress: Progress = None, documents: Optional[list[Document]] = None) -> PreparedData:
-    """Documents of `cfg.data` -> tokenizer + token shards + held-out split, cached by content hash.
+def prepare(data_cfg: DataConfig, vocab_size: int, *, progress: Progress = None,
+            documents: Optional[list[Document]] = None) -> PreparedData:
+    """Documents of `data_cfg` -> a `vocab_size` tokenizer + token shards + held-out split, cached
+    by content hash (`model.vocab_size` is the one field outside `data` that changes the output).
 
     Returns the cached copy when one exists for the same inputs. `documents` overrides the
-    documents `cfg.data` names (tests, callers that already hold them).
+    documents `data_cfg` names (tests, callers that already hold them).
     """
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
-    docs = documents if documents is not None else load_documents(cfg.data, progress=progress)
+    docs = documents if documents is not None else load_documents(data_cfg, progress=progress)
     if not docs:
         raise UserError("data.sources: no documents found")
-    train_docs, heldout_docs = _split_documents(cfg, docs)
-    key = prepare_key(cfg, docs)
-    prepared_dir = Path(cfg.data.cache_dir).expanduser() / "prepared"
+    train_docs, heldout_docs = _split_documents(data_cfg, docs)
+    key = prepare_key(data_cfg, vocab_size, docs)
+    prepared_dir = Path(data_cfg.cache_dir).expanduser() / "prepared"
     root = prepared_dir / key
     if _is_complete(root):
         say(f"reusing prepared data {root}")
@@ -425,7 +428,7 @@ def prepare(cfg, *, progress: Progress = None, documents: Optional[list[Document
     tmp = prepared_dir / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _build(cfg, key, docs, train_docs, heldout_docs, tmp, say, t_docs)
+        _build(data_cfg, vocab_size, key, docs, train_docs, heldout_docs, tmp, say, t_docs)
         if root.exists():  # an incomplete copy (files deleted by hand) or a racing builder
             if _is_complete(root):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -444,28 +447,28 @@ def prepare(cfg, *, progress: Progress = None, documents: Optional[list[Document
     return PreparedData(root)
 
 
-def _build(cfg, key: str, docs, train_docs, heldout_docs, out: Path, say, t_docs: float) -> None:
+def _build(data_cfg: DataConfig, vocab_size: int, key: str, docs, train_docs, heldout_docs, out: Path, say, t_docs: float) -> None:
     import sentencepiece as spm
 
     from rayq.config import atomic_write_text
 
     times = {"documents": round(t_docs, 3)}
     t = time.perf_counter()
-    budget = cfg.data.tokenizer_train_chars
-    say(f"training a {cfg.data.tokenizer} tokenizer (vocab {cfg.model.vocab_size}) on <= {budget:,} characters")
-    model = train_tokenizer(train_docs, cfg.model.vocab_size, cfg.data.tokenizer, budget)
+    budget = data_cfg.tokenizer_train_chars
+    say(f"training a {data_cfg.tokenizer} tokenizer (vocab {vocab_size}) on <= {budget:,} characters")
+    model = train_tokenizer(train_docs, vocab_size, data_cfg.tokenizer, budget)
     (out / "tokenizer.model").write_bytes(model)
     sp = spm.SentencePieceProcessor(model_proto=model)
-    if sp.vocab_size() < cfg.model.vocab_size:
+    if sp.vocab_size() < vocab_size:
         say(f"note: the corpus supports {sp.vocab_size():,} tokenizer pieces, fewer than model.vocab_size="
-            f"{cfg.model.vocab_size:,}; the extra embedding rows stay unused")
+            f"{vocab_size:,}; the extra embedding rows stay unused")
     times["tokenizer"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
     say(f"encoding {len(train_docs)} train and {len(heldout_docs)} held-out documents")
     splits = {
-        TRAIN: _write_split(sp, train_docs, out / TRAIN, cfg.data.shard_tokens, cfg.data.max_train_tokens, say),
-        HELDOUT: _write_split(sp, heldout_docs, out / HELDOUT, cfg.data.shard_tokens, None, say),
+        TRAIN: _write_split(sp, train_docs, out / TRAIN, data_cfg.shard_tokens, data_cfg.max_train_tokens, say),
+        HELDOUT: _write_split(sp, heldout_docs, out / HELDOUT, data_cfg.shard_tokens, None, say),
     }
     times["encode"] = round(time.perf_counter() - t, 3)
     with open(out / "heldout_texts.jsonl", "w", encoding="utf-8") as fh:
@@ -478,14 +481,14 @@ def _build(cfg, key: str, docs, train_docs, heldout_docs, out: Path, say, t_docs
         "inputs": {
             "documents": len(docs),
             "chars": sum(len(d.text) for d in docs),
-            "sources": list(cfg.data.sources) or ["embedded"],
+            "sources": list(data_cfg.sources) or ["embedded"],
         },
-        "config": _relevant_config(cfg),
+        "config": _relevant_config(data_cfg, vocab_size),
         "tokenizer": {
             "path": "tokenizer.model",
-            "type": cfg.data.tokenizer,
+            "type": data_cfg.tokenizer,
             "vocab_size": sp.vocab_size(),
-            "requested_vocab_size": cfg.model.vocab_size,
+            "requested_vocab_size": vocab_size,
             "eos_id": sp.eos_id(),
             "bos_id": sp.bos_id(),
             "unk_id": sp.unk_id(),

@@ -97,7 +97,6 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay only on >=2-D weights (matrices, embeddings), not biases or gains."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -110,8 +109,3 @@ def count_parameters(cfg: ModelConfig) -> int:
     with torch.device("meta"):
         model = GPT(cfg)
     return sum(p.numel() for p in model.parameters())
-
-
-def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The block linears by their stable names (`blocks.0.attn.qkv`, ...)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(BLOCK_LINEARS)}

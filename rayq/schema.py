@@ -141,7 +141,7 @@ class EvalConfig:
     bootstrap_samples: int = 1000  # paired bootstrap resamples for degradation CIs
     confidence: float = 0.95  # CI level
     diagnostics: bool = False  # also compute the paper's §5 diagnostics at each eval step
-    placement: Literal["worker", "actor"] = "worker"  # evaluate on the train workers or a separate evaluator actor
+    placement: Literal["worker", "task"] = "worker"  # evaluate in the train loop, or in a Ray task per checkpoint
 
     def __post_init__(self) -> None:
         _check(self.task_size >= 1, f"task_size: expected >= 1, got {self.task_size}")

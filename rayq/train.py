@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -29,12 +29,15 @@ import torch.nn as nn
 
 from rayq import checkpoint as ckpt_io
 from rayq import config as config_io
+from rayq import data as data_io
+from rayq import metrics as names
 from rayq import parallel
 from rayq.model import GPT, param_groups
 from rayq.precision import PrecisionPolicy
-from rayq.schema import Config
+from rayq.schema import Config, RecipeConfig
 
-# An eval hook: (unwrapped model, step, policy) -> flat metrics, run on rank 0 at each eval step.
+# An eval hook: (unwrapped model, step, policy) -> flat metrics, run on rank 0 at each eval step
+# (`rayq.eval.make_eval_hook` builds the INT8 evaluator's; `rayq.cluster.evaluator` decides whether the loop gets one).
 EvalHook = Callable[[nn.Module, int, PrecisionPolicy], dict]
 
 # With fp16 loss scaling a non-finite loss is first a skipped step; this many in a row is divergence.
@@ -86,12 +89,10 @@ class LocalReporter:
         if self.rank != 0:
             return None
         if checkpoint is not None:
-            final = ckpt_io.commit(checkpoint, self.checkpoints / f"step_{metrics['step']}")
+            final = ckpt_io.commit(checkpoint, self.checkpoints / f"step_{metrics[names.STEP]}")
             ckpt_io.prune(self.checkpoints, self.keep)
-            metrics = {**metrics, "checkpoint_path": str(final)}
-        line = json.dumps(metrics, default=float)
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(line + "\n")
+            metrics = {**metrics, names.CHECKPOINT_PATH: str(final)}
+        append_metrics(self.run_dir, metrics)
         if self.echo:
             print(format_metrics(metrics), file=sys.stderr, flush=True)
         return final
@@ -101,28 +102,30 @@ class LocalReporter:
         return self._rank0_path(lambda: ckpt_io.latest(self.checkpoints))
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def append_metrics(run_dir: str | Path, metrics: dict) -> None:
+    """Append one report to `<run_dir>/metrics.jsonl`: the one writer of that file, for local runs
+    and for the Ray driver of `rayq train --workers N` alike. One line is one write of a complete
+    line, so a killed run leaves whole lines only."""
+    with open(Path(run_dir) / METRICS_FILE, "a") as fh:
+        fh.write(json.dumps(metrics, default=float) + "\n")
+
+
 def format_metrics(m: dict) -> str:
-    keys = [k for k in m if k != "checkpoint_path"]
+    keys = [k for k in m if k != names.CHECKPOINT_PATH]
     parts = [f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys]
     return "  ".join(parts)
 
 
-def lr_at(step: int, cfg: Config) -> float:
+def lr_at(step: int, r: RecipeConfig) -> float:
     """Linear warmup to recipe.lr, then cosine decay to lr * min_lr_ratio at recipe.steps."""
-    r = cfg.recipe
     if r.warmup_steps and step <= r.warmup_steps:
         return r.lr * step / r.warmup_steps
     span = max(1, r.steps - r.warmup_steps)
     progress = min(1.0, (step - r.warmup_steps) / span)
     return r.lr * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def resolve_device(cfg: Config, device: Optional[torch.device | str]) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.train.device)
 
 
 @dataclass
@@ -159,8 +162,7 @@ def build_model(cfg: Config, device: torch.device) -> GPT:
     return GPT(cfg.model, dropout=cfg.recipe.dropout).to(device)
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
-    r = cfg.recipe
+def build_optimizer(model: nn.Module, r: RecipeConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, r.weight_decay), lr=r.lr, betas=(r.beta1, r.beta2), eps=r.eps,
                              foreach=True)
 
@@ -181,7 +183,7 @@ def heldout_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tenso
     return total / max(1, count)
 
 
-def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optional[EvalHook] = None,
+def run(cfg: Config, reporter: Reporter, *, data: Optional[data_io.PreparedData] = None, evaluator: Optional[EvalHook] = None,
         device: Optional[torch.device | str] = None, batches: Optional[Iterator] = None,
         stop_at: Optional[int] = None) -> RunResult:
     """Train `cfg` to `cfg.recipe.steps` (or `stop_at`), resuming from `reporter.restore()` if any.
@@ -189,9 +191,7 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
     `data` is a `rayq.data.PreparedData` (prepared here when None); `batches` overrides the batch
     source (an iterator of (x, y) with state_dict/load_state_dict, e.g. a Ray Data shard).
     """
-    from rayq import data as data_io
-
-    device = resolve_device(cfg, device)
+    device = ckpt_io.resolve_device(device if device is not None else cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     rank, world = reporter.rank, reporter.world_size
@@ -203,11 +203,11 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
     random.seed(cfg.train.seed)
     strategy = parallel.choose(cfg, device, rank, world)
     model = strategy.shard(build_model(cfg, device))  # shards exist before the optimizer sees them
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg.recipe)
     policy = PrecisionPolicy.from_recipe(cfg.recipe, device.type)
     scaler = strategy.make_scaler(policy)
     if data is None:
-        data = data_io.prepare(cfg)
+        data = data_io.prepare(cfg.data, cfg.model.vocab_size)
     if batches is None:
         batches = data_io.train_batches(data, batch_size=local_batch, seq_len=cfg.model.seq_len,
                                         seed=cfg.train.seed, rank=rank, world_size=world)
@@ -259,7 +259,7 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
         t0 = time.perf_counter()
         x, y = strategy.to_device(*next(batches))
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step + 1, cfg)
+            group["lr"] = lr_at(step + 1, cfg.recipe)
         with policy.autocast():
             logits = train_model(x)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -290,8 +290,9 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
 
         if not math.isfinite(loss_value) and (scaler is None or consecutive_skips >= MAX_CONSECUTIVE_SKIPS):
             diverged = True
-            reporter.report({"step": step, "train/loss": loss_value, "diverged": 1, "train/skipped_steps": skipped})
-            history.append({"step": step, "diverged": 1})
+            reporter.report({names.STEP: step, names.TRAIN_LOSS: loss_value, names.DIVERGED: 1,
+                             names.train("skipped_steps"): skipped})
+            history.append({names.STEP: step, names.DIVERGED: 1})
             break
         if math.isfinite(loss_value):
             window_loss += loss_value
@@ -300,14 +301,15 @@ def run(cfg: Config, reporter: Reporter, *, data: Any = None, evaluator: Optiona
         is_eval = step == last_step or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
         is_ckpt = step == last_step or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
         if step % cfg.train.log_every == 0 or is_eval or is_ckpt:
-            metrics = {"step": step, "train/loss": _global_mean(window_loss / max(1, window_n), world),
-                       "train/tokens_per_s": window_tokens / max(window_time, 1e-9),
-                       "train/grad_norm": grad_norm, "train/lr": lr_at(step, cfg),
-                       "train/loss_scale": scaler.get_scale() if scaler is not None else 1.0,
-                       "train/skipped_steps": skipped, "train/resumed_from": resumed_from, "diverged": 0}
+            metrics = {names.STEP: step, names.TRAIN_LOSS: _global_mean(window_loss / max(1, window_n), world),
+                       names.TOKENS_PER_S: window_tokens / max(window_time, 1e-9),
+                       names.train("grad_norm"): grad_norm, names.train("lr"): lr_at(step, cfg.recipe),
+                       names.train("loss_scale"): scaler.get_scale() if scaler is not None else 1.0,
+                       names.train("skipped_steps"): skipped, names.train("resumed_from"): resumed_from,
+                       names.DIVERGED: 0}
             window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
             if is_eval:
-                metrics["eval/loss"] = heldout_loss(model, heldout, policy, device)
+                metrics[names.EVAL_LOSS] = heldout_loss(model, heldout, policy, device)
                 if evaluator is not None:
                     eval_model = strategy.eval_model(model)  # collective
                     if eval_model is not None:

@@ -5,10 +5,10 @@ An objective is `Objective(name, Direction.MAX)`; the strings Ray Tune (`"max"`)
 direction is never spelled twice (DESIGN.md, "Configuration"). Config strings look like
 `"fp/acc:max"` and `"ptq/w8a8-vectorwise/degradation_pct>=-1"`.
 
-Metric names are checked against the names the trials report (DESIGN.md, "Metric names"):
-`fp/acc`, `fp/<task>/acc`, `q/<scheme>/<task>/acc`, `ptq/<scheme>/{kl,kl_se,degradation_pct,...}`,
-`train/loss`, `step`, `diverged`, `diag/...`. When the config's eval tasks and schemes are known,
-the scheme/task parts must be among them, and an unknown name gets the closest known one named.
+Metric names are checked against the vocabulary the trials report with (`rayq.metrics`):
+`fp/acc`, `fp/<task>/acc_norm`, `q/<scheme>/<task>/acc`, `ptq/<scheme>/top1_agree`, `eval/loss`,
+`train/loss`, `step`, `diag/...`. When the config's eval tasks and schemes are known, the
+scheme/task parts must be among them, and an unknown name gets the closest known one named.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from rayq import metrics
 from rayq.errors import UserError
 
 __all__ = [
@@ -32,25 +33,6 @@ __all__ = [
     "validate_metric",
     "metric_bounds",
 ]
-
-# Keys a `ptq/<scheme>/` metric may end with (eval/degradation.py reports these).
-PTQ_KEYS = (
-    "kl",
-    "kl_se",
-    "degradation_pct",
-    "degradation_pct_ci_low",
-    "degradation_pct_ci_high",
-)
-PLAIN_METRICS = ("step", "train/loss", "fp/acc", "diverged", "train/tokens_per_s")
-
-_NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"
-_PATTERNS = (
-    re.compile(r"(step|train/loss|train/tokens_per_s|fp/acc|diverged)"),
-    re.compile(rf"fp/(?P<task>{_NAME})/acc"),
-    re.compile(rf"q/(?P<scheme>{_NAME})/(?P<task>{_NAME})/acc"),
-    re.compile(rf"ptq/(?P<scheme>{_NAME})/(?P<key>{'|'.join(PTQ_KEYS)})"),
-    re.compile(rf"diag/{_NAME}(/{_NAME})*"),
-)
 
 
 class Direction(enum.Enum):
@@ -107,14 +89,8 @@ def as_float(v: Any) -> float:
 
 
 def known_metrics(tasks: Optional[Iterable[str]] = None, schemes: Optional[Iterable[str]] = None) -> list[str]:
-    """Every metric name a trial can report given the config's eval tasks and schemes."""
-    tasks = list(tasks or [])
-    schemes = list(schemes or [])
-    names = list(PLAIN_METRICS)
-    names += [f"fp/{t}/acc" for t in tasks]
-    names += [f"q/{s}/{t}/acc" for s in schemes for t in tasks]
-    names += [f"ptq/{s}/{k}" for s in schemes for k in PTQ_KEYS]
-    return names
+    """Every objective a trial can report given the config's eval tasks and schemes (rayq.metrics)."""
+    return metrics.objective_names(tasks or [], schemes or [])
 
 
 def validate_metric(
@@ -129,15 +105,7 @@ def validate_metric(
     """
     tasks_l = None if tasks is None else list(tasks)
     schemes_l = None if schemes is None else list(schemes)
-    for pat in _PATTERNS:
-        m = pat.fullmatch(name)
-        if not m:
-            continue
-        groups = m.groupdict()
-        if groups.get("task") is not None and tasks_l is not None and groups["task"] not in tasks_l:
-            break
-        if groups.get("scheme") is not None and schemes_l is not None and groups["scheme"] not in schemes_l:
-            break
+    if metrics.is_objective(name, tasks_l, schemes_l):
         return name
     candidates = known_metrics(tasks_l or ["<task>"], schemes_l or ["<scheme>"])
     close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.4)

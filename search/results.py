@@ -34,7 +34,7 @@ SCHEDULER_STATE = "scheduler_state.json"
 FLUSH_SECONDS = 3.0
 
 
-def _clean(value: Any) -> Any:
+def clean(value: Any) -> Any:
     """Parquet-friendly scalars: numbers as float (except booleans as 0/1), the rest as str."""
     if value is None or isinstance(value, str):
         return value
@@ -45,24 +45,14 @@ def _clean(value: Any) -> Any:
     return str(value)
 
 
-def config_columns(trial_config: dict, base: Any, searched: Sequence[str]) -> dict:
-    """A trial's `config/<path>` columns. Every searched path is written with the trial's resolved
-    value (the base config's where the trial's point does not set it), so a null means null, never
-    "not set". Fixed for the trial's life: computed once per trial, not per report."""
-    from rayq.config import get_dotted
-    from rayq.search.tuner import trial_config_for
-
-    cfg = trial_config_for(base, trial_config)
-    return {f"config/{path}": _clean(get_dotted(cfg, path)) for path in searched}
-
-
 def result_row(trial_id: str, config_cols: dict, result: dict) -> dict:
-    """One results row: the trial, its `config_columns`, then the reported metrics."""
+    """One results row: the trial, its `config/<path>` columns (`tuner.config_columns`), then the
+    reported metrics."""
     row: dict[str, Any] = {"trial_id": trial_id, "recipe_id": trial_id, "time": time.time(), **config_cols}
     for key, value in result.items():
         if key in ("config", "trial_id") or isinstance(value, dict):
             continue
-        row[key] = _clean(value)
+        row[key] = clean(value)
     return row
 
 

@@ -6,10 +6,10 @@ evaluation error, so the scheduler and Optuna must compare recipes, not single r
 starts one TorchTrainer per seed (threads in the trial driver; each is an ordinary Ray Train run
 named `<trial>-seed<k>` under `<storage>/trials/`, so Ray resumes it from its last checkpoint when
 the trial is restored), collects their reports through a Ray queue, and reports to Tune once all
-seeds reached a step. Where evaluation runs is a config choice: in the train workers (the eval
-hook of the one loop) or, with `eval.placement: actor`, as a Ray task with
-`cluster.evaluator_resources` on whichever node owns them (the paper trained on TPUs and
-evaluated INT8 on GPUs).
+seeds reached a step. Where evaluation runs is a config choice made by `rayq.cluster.evaluator`
+(the same for `rayq train`): in the train workers (the eval hook of the one loop) or, with
+`eval.placement: task`, as a Ray task with `cluster.evaluator_resources` on whichever node owns
+them (the paper trained on TPUs and evaluated INT8 on GPUs).
 """
 
 from __future__ import annotations
@@ -21,17 +21,22 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+import ray.tune
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
+from ray.util.queue import Queue
 
 from rayq import config as config_io
+from rayq import metrics as names
+from rayq.cluster import evaluator
+from rayq.cluster.trainer import QueueReports, build_trainer
+from rayq.config import get_dotted
 from rayq.errors import UserError
 from rayq.schema import Config
 from rayq.search import results as results_io
 from rayq.search.space import TUNE_POINTS_KEY
-
 
 
 def recipe_values(trial_config: dict) -> dict:
@@ -45,6 +50,14 @@ def trial_config_for(base: Config, trial_config: dict) -> Config:
     return config_io.with_values(base, recipe_values(trial_config))
 
 
+def config_columns(trial_config: dict, base: Config, searched: Sequence[str]) -> dict:
+    """A trial's `config/<path>` columns. Every searched path is written with the trial's resolved
+    value (the base config's where the trial's point does not set it), so a null means null, never
+    "not set". Fixed for the trial's life: computed once per trial, not per report."""
+    cfg = trial_config_for(base, trial_config)
+    return {f"config/{path}": results_io.clean(get_dotted(cfg, path)) for path in searched}
+
+
 def aggregate(per_seed: list[dict], objective_names: list[str]) -> dict:
     """Seed mean of every numeric metric; between-seed standard error of each objective."""
     out: dict[str, Any] = {}
@@ -55,8 +68,8 @@ def aggregate(per_seed: list[dict], objective_names: list[str]) -> dict:
             out[key] = sum(float(v) for v in values) / len(values)
         elif values:
             out[key] = values[0]
-    if any(m.get("diverged") for m in per_seed):
-        out["diverged"] = 1.0
+    if any(m.get(names.DIVERGED) for m in per_seed):
+        out[names.DIVERGED] = 1.0
     n = len(per_seed)
     for name in objective_names:
         values = [float(m[name]) for m in per_seed if name in m]
@@ -70,48 +83,32 @@ def aggregate(per_seed: list[dict], objective_names: list[str]) -> dict:
     return out
 
 
-def _seed_callback(q: Any, seed_index: int) -> Any:
-    from ray.train import UserCallback
-
-    class SeedReports(UserCallback):
-        """Forward each report of one seed's Train run to the trial driver (controller side)."""
-
-        def after_report(self, run_context, metrics, checkpoint):
-            q.put({"seed": seed_index, "metrics": dict(metrics[0]), "checkpoint": checkpoint})
-
-    return SeedReports()
-
-
-def _fit_seed(cfg: Config, storage: str, name: str, q: Any, seed_index: int, evaluate: bool,
-              data_dir: Optional[str]) -> None:
-    from rayq.cluster.trainer import build_trainer
-
+def _fit_seed(cfg: Config, storage: str, name: str, q: Any, seed_index: int, data_dir: Optional[str]) -> None:
     try:
-        result = build_trainer(cfg, storage=storage, name=name, evaluate=evaluate, data_dir=data_dir,
-                               callbacks=[_seed_callback(q, seed_index)]).fit()
+        result = build_trainer(cfg, storage=storage, name=name, evaluate=True, data_dir=data_dir,
+                               callbacks=[QueueReports(q, seed_index)]).fit()
         if result.error is not None:
             raise result.error
-        q.put({"seed": seed_index, "done": True})
+        q.put({"run": seed_index, "done": True})
     except BaseException as exc:  # noqa: BLE001 - handed to the driver thread, which re-raises
-        q.put({"seed": seed_index, "error": repr(exc)})
+        q.put({"run": seed_index, "error": repr(exc)})
 
 
 def trial_driver(trial_config: dict, *, base: dict, storage: str, objectives: list[str],
                  data_dir: Optional[str] = None) -> None:
-    """The Tune function trainable: run the recipe's seeds, report their mean at every step."""
-    import ray.tune
-    from ray.util.queue import Queue
+    """The Tune function trainable: run the recipe's seeds, report their mean at every step.
 
+    Where each seed's checkpoints are evaluated is `rayq.cluster.evaluator`'s choice
+    (`eval.placement`), as for `rayq train`."""
     cfg = trial_config_for(config_io.build(Config, base), trial_config)
     trial_id = ray.tune.get_context().get_trial_id()
     seeds = cfg.search.seeds_per_recipe
     q = Queue(actor_options={"num_cpus": 0})  # inside the trial's placement group: needs no CPU
-    in_worker = cfg.eval.placement == "worker"
     threads = []
     for k in range(seeds):
         seed_cfg = config_io.with_values(cfg, {"train.seed": cfg.train.seed + k})
         t = threading.Thread(target=_fit_seed, args=(seed_cfg, f"{storage}/trials", f"{trial_id}-seed{k}", q, k,
-                                                     in_worker, data_dir), daemon=True)
+                                                     data_dir), daemon=True)
         t.start()
         threads.append(t)
 
@@ -125,41 +122,37 @@ def trial_driver(trial_config: dict, *, base: dict, storage: str, objectives: li
         except queue_lib.Empty:
             continue
         if "error" in item:
-            raise RuntimeError(f"seed {item['seed']} of trial {trial_id} failed: {item['error']}")
+            raise RuntimeError(f"seed {item['run']} of trial {trial_id} failed: {item['error']}")
         if item.get("done"):
-            finished.add(item["seed"])
+            finished.add(item["run"])
             continue
         m = item["metrics"]
-        if m.get("diverged"):  # one diverged seed makes the recipe unstable: report at once
-            ray.tune.report({**carried, **m, "diverged": 1.0, "seeds": seeds})
+        if m.get(names.DIVERGED):  # one diverged seed makes the recipe unstable: report at once
+            ray.tune.report({**carried, **m, names.DIVERGED: 1.0, "seeds": seeds})
             return
-        step = int(m["step"])
-        pending.setdefault(step, {})[item["seed"]] = m
+        step = int(m[names.STEP])
+        pending.setdefault(step, {})[item["run"]] = m
         if item["checkpoint"] is not None:
-            checkpoints.setdefault(step, {})[item["seed"]] = item["checkpoint"]
+            checkpoints.setdefault(step, {})[item["run"]] = item["checkpoint"]
         live = seeds - len(finished)
         if len(pending[step]) < max(1, live):
             continue
-        per_seed = [m for _, m in sorted(pending.pop(step).items())]
+        by_seed = pending.pop(step)
         step_ckpts = checkpoints.pop(step, {})
-        if not in_worker and step_ckpts:
-            per_seed = _evaluate_elsewhere(cfg, per_seed, step_ckpts, data_dir)
+        seeds_here = sorted(by_seed)
+        per_seed = evaluator.checkpoint_metrics(cfg, [by_seed[k] for k in seeds_here],
+                                                [step_ckpts.get(k) for k in seeds_here], evaluate=True,
+                                                data_dir=data_dir)
         row = aggregate(per_seed, objectives)
         for name in objectives:
             if name in row:
                 carried[name] = row[name]
-        ckpt0 = step_ckpts.get(0)
-        if ckpt0 is not None:
-            row["checkpoint_path"] = ckpt0.path
+        # every seed's checkpoint: the row's metrics are the seeds' mean, not seed 0's
+        for k, ckpt in sorted(step_ckpts.items()):
+            row[names.seed_checkpoint_path(k)] = ckpt.path
+        if 0 in step_ckpts:
+            row[names.CHECKPOINT_PATH] = step_ckpts[0].path
         ray.tune.report({**carried, **row})
-
-
-def _evaluate_elsewhere(cfg: Config, per_seed: list[dict], checkpoints: dict[int, Any],
-                        data_dir: Optional[str]) -> list[dict]:
-    from rayq.cluster.evaluator import evaluate_checkpoints
-
-    extra = evaluate_checkpoints(cfg, [checkpoints[k] for k in sorted(checkpoints)], data_dir)
-    return [{**m, **e} for m, e in zip(per_seed, extra)]
 
 
 def make_searcher(cfg: Config, objectives: list) -> Optional[Any]:
@@ -221,8 +214,7 @@ class ResultsWriter(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         cols = self._config_cols.get(trial.trial_id)
         if cols is None:
-            cols = self._config_cols[trial.trial_id] = results_io.config_columns(dict(trial.config), self.base,
-                                                                                 self.searched)
+            cols = self._config_cols[trial.trial_id] = config_columns(dict(trial.config), self.base, self.searched)
         self.rows.append(results_io.result_row(trial.trial_id, cols, dict(result)))
         if time.time() - self._last_flush >= results_io.FLUSH_SECONDS:
             self.flush()
@@ -274,7 +266,7 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> Sea
         raise UserError(f"{out_dir}: holds a search already; pass --resume to continue it, or a new --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     config_io.save(cfg, out_dir / "config.yaml")
-    data = data_io.prepare(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True))  # once
+    data = data_io.prepare(cfg.data, cfg.model.vocab_size, progress=lambda msg: print(msg, file=sys.stderr, flush=True))  # once
     connect(cfg.cluster.address)
 
     trainable = ray.tune.with_resources(

@@ -19,7 +19,7 @@ def tiny_setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny-corpus")
     cfg = tiny_config(root / "text", root / "cache")
-    return cfg, data_io.prepare(cfg)
+    return cfg, data_io.prepare(cfg.data, cfg.model.vocab_size)
 
 
 @pytest.fixture

@@ -21,14 +21,14 @@ def main(out_json: str, work: str, overrides: list[str]) -> None:
     from corpus_fixture import tiny_config
 
     from rayq import data as data_io
-    from rayq import spmd
+    from rayq import parallel
     from rayq.eval import make_eval_hook
     from rayq.train import LocalReporter, run
 
     work_dir = Path(work)
     cfg = tiny_config(work_dir / "text", work_dir / "cache", *overrides)
-    data = data_io.prepare(cfg)
-    spmd.enable()  # before the first XLA tensor
+    data = data_io.prepare(cfg.data, cfg.model.vocab_size)
+    parallel.enable_spmd()  # before the first XLA tensor
     import torch_xla
     import torch_xla.runtime as xr
 
@@ -40,12 +40,12 @@ def main(out_json: str, work: str, overrides: list[str]) -> None:
     from rayq.model import GPT
 
     probe = GPT(cfg.model).to(device)
-    strategy = spmd.SPMD(cfg, device, 0, 1)
+    strategy = parallel.SPMD(cfg, device, 0, 1)
     strategy.shard(probe)
     result = {"devices": xr.global_runtime_device_count(), "spmd": xr.is_spmd(),
               "full": full.history, "full_checkpoint": str(full.checkpoint),
               "first_step": first.step, "resumed": second.history, "resumed_checkpoint": str(second.checkpoint),
-              "shardings": spmd.describe(probe)}
+              "shardings": parallel.describe_spmd(probe)}
     Path(out_json).write_text(json.dumps(result, default=float))
 
 

@@ -5,7 +5,7 @@ replacement node).
 
 Layout (every node has its own --temp-dir, so its sockets and its processes are its own):
   head     --num-cpus 2 --resources {"evaluator": 2}: GCS, the trial drivers (and the Train
-           controllers pinned beside them), the evaluator tasks (`eval.placement: actor`)
+           controllers pinned beside them), the evaluator tasks (`eval.placement: task`)
   trainer  --num-cpus 0 --resources {"trainer": 2}: only the Ray Train workers can land here
            (`resources_per_worker: {CPU: 0, trainer: 1}`); no CPU, so no trial driver or
            evaluator task can, and killing it hits training only.
@@ -198,7 +198,7 @@ def _config(tiny_cfg, path: Path, storage: Path) -> Path:
     points = [{"recipe.weight_decay": wd} for wd in (0.1, 0.01)]
     cfg = config_io.with_values(tiny_cfg, {
         "recipe.steps": STEPS, "train.eval_every": 20, "train.checkpoint_every": 10, "train.log_every": 5,
-        "eval.task_size": 16, "eval.kl_tokens": 1024, "eval.bootstrap_samples": 50, "eval.placement": "actor",
+        "eval.task_size": 16, "eval.kl_tokens": 1024, "eval.bootstrap_samples": 50, "eval.placement": "task",
         "cluster.workers": 1, "cluster.cpus_per_worker": 0.25,
         "cluster.resources_per_worker": {"CPU": 0, "trainer": 1},
         "cluster.evaluator_resources": {"CPU": 0.25, "evaluator": 1},

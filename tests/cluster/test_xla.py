@@ -186,7 +186,7 @@ def test_int8_quantized_trained_model_on_xla_matches_cpu(runs, xla_device, kerne
     and eager CPU, which moves a few activations across a rounding boundary of their int8 code,
     so logits are compared against the size of the quantization error itself."""
     from rayq.data import heldout_batches
-    from rayq.model import GPT, block_linears
+    from rayq.model import BLOCK_LINEARS, GPT
 
     cfg, data, _, _, xla = runs
     model = GPT(cfg.model)
@@ -204,7 +204,8 @@ def test_int8_quantized_trained_model_on_xla_matches_cpu(runs, xla_device, kerne
             assert torch.equal(v, s_xla[k]), k
         else:
             torch.testing.assert_close(v, s_xla[k], rtol=1e-6, atol=1e-7)
-    names = [n for n, lin in block_linears(model).items() if lin.in_features == cfg.model.d_model]
+    names = [n for n, lin in model.named_modules()
+             if n.endswith(BLOCK_LINEARS) and lin.in_features == cfg.model.d_model]
     lin_cpu, lin_xla = dict(q_cpu.named_modules()), dict(q_xla.named_modules())
     h = torch.randn(64, cfg.model.d_model, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -251,7 +252,7 @@ def _xla_train_fn(loop_config: dict) -> None:
     cfg = config_io.build(Config, loop_config["config"])
     device = rx.setup_worker()
     assert device.type == "xla" and os.environ["PJRT_DEVICE"] == "CPU"
-    train.run(cfg, RayTrainReporter(), data=data_io.prepare(cfg), device=device)
+    train.run(cfg, RayTrainReporter(), data=data_io.prepare(cfg.data, cfg.model.vocab_size), device=device)
 
 
 @pytest.mark.xla

@@ -58,7 +58,7 @@ def spmd_runs(tmp_path_factory):
     result = json.loads(out.read_text())
     sets = [f"{k}={v}" for k, v in SETTINGS.items() if k != "cluster.sharding"]
     cfg = tiny_config(work / "text", work / "cache", *sets)  # the same corpus files the script wrote
-    cpu = run(cfg, LocalReporter(work / "cpu", cfg, echo=False), data=data_io.prepare(cfg), device="cpu")
+    cpu = run(cfg, LocalReporter(work / "cpu", cfg, echo=False), data=data_io.prepare(cfg.data, cfg.model.vocab_size), device="cpu")
     return result, cpu, cfg
 
 
@@ -123,7 +123,7 @@ def test_spmd_checkpoint_is_sharded_resumes_and_reads_back_full(spmd_runs):
 
 def _spmd_train_fn(loop_config: dict) -> None:
     from rayq import data as data_io
-    from rayq import spmd, train
+    from rayq import parallel, train
     from rayq.cluster import xla as rx
     from rayq.cluster.trainer import RayTrainReporter
     from rayq.schema import Config
@@ -132,9 +132,9 @@ def _spmd_train_fn(loop_config: dict) -> None:
     device = rx.setup_worker()
     import torch_xla.runtime as xr
 
-    assert spmd.is_active(), "the spmd layout switches SPMD on before the loop starts"
+    assert parallel.spmd_active(), "the spmd layout switches SPMD on before the loop starts"
     assert xr.global_runtime_device_count() == DEVICES  # the worker's PJRT client sees the 4 devices
-    train.run(cfg, RayTrainReporter(), data=data_io.prepare(cfg), device=device)
+    train.run(cfg, RayTrainReporter(), data=data_io.prepare(cfg.data, cfg.model.vocab_size), device=device)
 
 
 @pytest.mark.xla

@@ -12,6 +12,9 @@ from rayq.eval import evaluate, load_tasks, make_eval_hook, token_batches
 from rayq.schema import Config, EvalConfig
 
 
+def _ecfg(schemes=(), **kw):
+    return EvalConfig(schemes=list(schemes), **kw)
+
 
 def _tasks(gpt, size=64):
     return load_tasks(["heldout-lambada", "heldout-cloze", "heldout-ppl"], {}, heldout_texts=gpt.heldout, size=size)
@@ -35,21 +38,27 @@ def _noisy_quantizer(scale=0.02):
 
 
 def test_builtin_tasks_score_well_above_chance(trained_gpt):
-    result = evaluate(trained_gpt.model, _tasks(trained_gpt), tokenizer=trained_gpt.sp, batch_size=32)
+    result = evaluate(trained_gpt.model, _tasks(trained_gpt), _ecfg(batch_size=32), tokenizer=trained_gpt.sp)
     m = result.metrics()
     # chance: ~0 for an exact last word out of a 320-piece vocabulary, 0.25 for 1-of-4 cloze
     assert m["fp/heldout-lambada/acc"] > 0.3
-    assert m["fp/heldout-cloze/acc"] > 0.5
+    assert m["fp/heldout-cloze/acc_norm"] > 0.5
     assert m["fp/heldout-ppl/bpb"] < 1.0  # a byte of toy text costs well under 1 bit
+    # each metric under its own name: the cloze task's primary acc_norm is never reported as acc
+    cloze = result.fp["heldout-cloze"]
+    assert cloze.primary == "acc_norm" and m["fp/heldout-cloze/acc_norm"] == cloze.score
+    assert m["fp/heldout-cloze/acc"] == cloze.metrics["acc"]
+    # fp/<m> averages m only, never acc with acc_norm
     assert m["fp/acc"] == pytest.approx((m["fp/heldout-lambada/acc"] + m["fp/heldout-cloze/acc"]) / 2)
+    assert m["fp/acc_norm"] == m["fp/heldout-cloze/acc_norm"]
     assert "fp/heldout-ppl/acc" not in m  # perplexity tasks do not enter fp/acc
 
 
 def test_w8a8_vectorwise_degradation_and_kl_with_ci_real_kernels(trained_gpt):
     model = trained_gpt.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = evaluate(model, _tasks(trained_gpt), ["w8a8-vectorwise"], tokenizer=trained_gpt.sp,
-                      kl_batches=_kl_batches(trained_gpt), bootstrap_samples=300, batch_size=32)
+    result = evaluate(model, _tasks(trained_gpt), _ecfg(["w8a8-vectorwise"], bootstrap_samples=300, batch_size=32),
+                      tokenizer=trained_gpt.sp, kl_batches=_kl_batches(trained_gpt))
     m = result.metrics()
     p = "ptq/w8a8-vectorwise"
     assert m[f"{p}/degradation_pct_ci_low"] <= m[f"{p}/degradation_pct"] <= m[f"{p}/degradation_pct_ci_high"]
@@ -64,7 +73,7 @@ def test_w8a8_vectorwise_degradation_and_kl_with_ci_real_kernels(trained_gpt):
 
 def test_unknown_scheme_is_a_user_error_with_suggestion(trained_gpt):
     with pytest.raises(UserError, match="did you mean 'w8a8-vectorwise'"):
-        evaluate(trained_gpt.model, [], ["w8a8-vectorwse"])
+        evaluate(trained_gpt.model, [], _ecfg(["w8a8-vectorwse"]))
 
 
 def test_evaluate_metric_names_and_result_with_a_stand_in_quantizer(trained_gpt):
@@ -72,17 +81,19 @@ def test_evaluate_metric_names_and_result_with_a_stand_in_quantizer(trained_gpt)
     model.train()  # the train loop hands over a model in train mode; it must come back that way
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tasks = _tasks(trained_gpt, size=24)
-    result = evaluate(model, tasks, ["noisy"], tokenizer=trained_gpt.sp, kl_batches=_kl_batches(trained_gpt, 512),
-                      bootstrap_samples=100, quantizer=_noisy_quantizer(0.5), diagnostics=True)
+    result = evaluate(model, tasks, _ecfg(["noisy"], bootstrap_samples=100, diagnostics=True), tokenizer=trained_gpt.sp,
+                      kl_batches=_kl_batches(trained_gpt, 512), quantizer=_noisy_quantizer(0.5))
     assert model.training
     model.eval()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     m = result.metrics()
     expected = {
-        "fp/acc", "fp/heldout-lambada/acc", "fp/heldout-lambada/ppl", "fp/heldout-cloze/acc",
+        "fp/acc", "fp/acc_norm", "fp/acc_bytes", "fp/heldout-lambada/acc", "fp/heldout-lambada/ppl",
+        "fp/heldout-cloze/acc", "fp/heldout-cloze/acc_norm", "fp/heldout-cloze/acc_bytes",
         "fp/heldout-ppl/bpb", "fp/heldout-ppl/ppl",
-        "q/noisy/acc", "q/noisy/heldout-lambada/acc", "q/noisy/heldout-lambada/ppl", "q/noisy/heldout-cloze/acc",
-        "q/noisy/heldout-ppl/bpb", "q/noisy/heldout-ppl/ppl",
+        "q/noisy/acc", "q/noisy/acc_norm", "q/noisy/heldout-lambada/acc", "q/noisy/heldout-lambada/ppl",
+        "q/noisy/heldout-cloze/acc", "q/noisy/heldout-cloze/acc_norm", "q/noisy/heldout-ppl/bpb",
+        "q/noisy/heldout-ppl/ppl",
         "ptq/noisy/degradation_pct", "ptq/noisy/degradation_pct_ci_low", "ptq/noisy/degradation_pct_ci_high",
         "ptq/noisy/kl", "ptq/noisy/kl_se", "ptq/noisy/top1_agree", "ptq/noisy/top1_agree_se",
     }
@@ -90,9 +101,9 @@ def test_evaluate_metric_names_and_result_with_a_stand_in_quantizer(trained_gpt)
     assert all(isinstance(v, float) for v in m.values())
     assert {"diag/qkv_rmse_mean", "diag/outlier_dims", "diag/spectral_norm_max"} <= set(m)
     assert m["ptq/noisy/kl"] > 0 and m["q/noisy/heldout-ppl/bpb"] > m["fp/heldout-ppl/bpb"]
-    # degradation consistent with the per-task scores
-    fp = [m["fp/heldout-lambada/acc"], m["fp/heldout-cloze/acc"]]
-    q = [m["q/noisy/heldout-lambada/acc"], m["q/noisy/heldout-cloze/acc"]]
+    # degradation consistent with the per-task scores of each task's primary metric
+    fp = [m["fp/heldout-lambada/acc"], m["fp/heldout-cloze/acc_norm"]]
+    q = [m["q/noisy/heldout-lambada/acc"], m["q/noisy/heldout-cloze/acc_norm"]]
     assert m["ptq/noisy/degradation_pct"] == pytest.approx(np.mean([(b - a) / a * 100 for a, b in zip(fp, q)]))
     doc = result.to_dict()
     assert doc["schemes"]["noisy"]["kl"]["tokens"] == 512 and doc["fp"]["heldout-cloze"]["n"] == 24
@@ -106,11 +117,11 @@ def test_degradation_skips_tasks_with_zero_fp_score():
 
     lose = Task("lose", MULTIPLE_CHOICE, "acc", (MultipleChoice(("a",) * 2, (" the", " zzq"), 1),), "t")
     win = Task("win", MULTIPLE_CHOICE, "acc", (MultipleChoice(("a",) * 2, (" the", " zzq"), 0),), "t")
-    result = evaluate(BigramLM(), [lose, win], ["same"], tokenizer=CharTokenizer(), quantizer=lambda m, s: m,
-                      bootstrap_samples=20)
+    result = evaluate(BigramLM(), [lose, win], _ecfg(["same"], bootstrap_samples=20), tokenizer=CharTokenizer(),
+                      quantizer=lambda m, s: m)
     assert result.schemes["same"].degradation_tasks == ["win"]
     assert result.metrics()["ptq/same/degradation_pct"] == 0.0
-    only_lose = evaluate(BigramLM(), [lose], ["same"], tokenizer=CharTokenizer(), quantizer=lambda m, s: m)
+    only_lose = evaluate(BigramLM(), [lose], _ecfg(["same"]), tokenizer=CharTokenizer(), quantizer=lambda m, s: m)
     assert math.isnan(only_lose.metrics()["ptq/same/degradation_pct"])
 
 
@@ -152,6 +163,8 @@ def test_make_eval_hook_from_explicit_parts_and_policy(trained_gpt):
     hook = make_eval_hook(cfg, tokenizer=trained_gpt.sp, heldout_texts=trained_gpt.heldout)
     policy = PrecisionPolicy.from_recipe(RecipeConfig(precision="bf16"), "cpu")
     m = hook(trained_gpt.model, 1, policy)
-    assert set(m) == {"fp/acc", "fp/heldout-cloze/acc", "eval/seconds"}
+    assert set(m) == {"fp/acc", "fp/acc_norm", "fp/acc_bytes", "fp/heldout-cloze/acc", "fp/heldout-cloze/acc_norm",
+                      "fp/heldout-cloze/acc_bytes", "eval/seconds"}
+    assert m["fp/acc_norm"] == m["fp/heldout-cloze/acc_norm"] and m["fp/acc_bytes"] == m["fp/heldout-cloze/acc_bytes"]
     with pytest.raises(UserError, match="needs a tokenizer"):
         make_eval_hook(cfg)

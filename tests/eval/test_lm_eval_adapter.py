@@ -5,6 +5,7 @@ import json
 import pytest
 
 from rayq.eval import evaluate, load_task
+from rayq.schema import EvalConfig
 
 
 YAML = """task: rayq_toy_cloze
@@ -58,7 +59,7 @@ def test_simple_evaluate_matches_rayq_scoring(offline_lm_eval, trained_gpt, tmp_
     out = simple_evaluate(model=lm, tasks=["rayq_toy_cloze"], task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
                           num_fewshot=0, bootstrap_iters=0, log_samples=False)
     acc = out["results"]["rayq_toy_cloze"]["acc,none"]
-    ours = evaluate(lm.model, [task], tokenizer=trained_gpt.sp).fp["heldout-cloze"].metrics["acc"]
+    ours = evaluate(lm.model, [task], EvalConfig(schemes=[]), tokenizer=trained_gpt.sp).fp["heldout-cloze"].metrics["acc"]
     assert acc == pytest.approx(ours) and acc > 0.5
 
 

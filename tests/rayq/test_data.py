@@ -39,6 +39,10 @@ def write_corpus(root: Path, n_docs: int = 8, sentences: int = 60, seed: int = 0
     return root
 
 
+def prepare_cfg(cfg):
+    return data_io.prepare(cfg.data, cfg.model.vocab_size)
+
+
 def make_cfg(corpus: Path, cache: Path, **data):
     values = {
         "data.sources": [str(corpus / "*.txt")],
@@ -60,7 +64,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prepared(corpus, tmp_path_factory) -> data_io.PreparedData:
-    return data_io.prepare(make_cfg(corpus, tmp_path_factory.mktemp("cache")))
+    return prepare_cfg(make_cfg(corpus, tmp_path_factory.mktemp("cache")))
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -83,7 +87,7 @@ def test_prepared_layout_manifest_and_schema(prepared, corpus):
     assert train.max() < prepared.vocab_size <= 300
     # every document ends with EOS, so the stream holds one EOS per document
     assert (train == prepared.eos_id).sum() == 7
-    assert all(Path(f).is_file() for f in data_io.train_files(prepared))
+    assert all(Path(f).is_file() for f in prepared.train_files())
 
 
 def test_tokenizer_round_trip_and_heldout_texts(prepared, corpus):
@@ -104,24 +108,27 @@ def test_same_inputs_reuse_the_cache_without_recomputing(prepared, corpus, monke
         raise AssertionError("recomputed")
 
     monkeypatch.setattr(data_io, "train_tokenizer", boom)
-    again = data_io.prepare(make_cfg(corpus, prepared.root.parent.parent))
+    again = prepare_cfg(make_cfg(corpus, prepared.root.parent.parent))
     assert again.root == prepared.root and manifest.stat().st_mtime_ns == before
 
 
 def test_inputs_or_relevant_config_change_the_key(prepared, corpus, tmp_path):
+    def key(cfg, docs):
+        return data_io.prepare_key(cfg.data, cfg.model.vocab_size, docs)
+
     cache = prepared.root.parent.parent
-    assert data_io.prepare_key(make_cfg(corpus, cache, shard_tokens=2048), []) != data_io.prepare_key(
-        make_cfg(corpus, cache), [])
-    # seq_len and cache_dir do not change what is prepared
+    assert key(make_cfg(corpus, cache, shard_tokens=2048), []) != key(make_cfg(corpus, cache), [])
+    # seq_len and cache_dir do not change what is prepared; the vocabulary size does
     cfg = make_cfg(corpus, tmp_path)
-    assert data_io.prepare_key(cfg, []) == data_io.prepare_key(make_cfg(corpus, cache), [])
+    assert key(cfg, []) == key(make_cfg(corpus, cache), [])
+    assert data_io.prepare_key(cfg.data, 301, []) != key(cfg, [])
     from rayq.corpus import Document
-    assert data_io.prepare_key(cfg, [Document("a", "x")]) != data_io.prepare_key(cfg, [Document("a", "y")])
+    assert key(cfg, [Document("a", "x")]) != key(cfg, [Document("a", "y")])
 
 
 def test_prepare_is_deterministic(corpus, tmp_path):
-    a = data_io.prepare(make_cfg(corpus, tmp_path / "a"))
-    b = data_io.prepare(make_cfg(corpus, tmp_path / "b"))
+    a = prepare_cfg(make_cfg(corpus, tmp_path / "a"))
+    b = prepare_cfg(make_cfg(corpus, tmp_path / "b"))
     assert a.key == b.key
     assert (a.root / "tokenizer.model").read_bytes() == (b.root / "tokenizer.model").read_bytes()
     assert np.array_equal(a.tokens("train"), b.tokens("train"))
@@ -141,26 +148,26 @@ def test_killed_build_leaves_no_cache_and_next_run_builds(corpus, tmp_path, monk
 
     monkeypatch.setattr(data_io, "_write_split", dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        data_io.prepare(cfg)
+        prepare_cfg(cfg)
     assert list((tmp_path / "prepared").iterdir()) == []  # neither a half-written key nor a temp dir
     monkeypatch.setattr(data_io, "_write_split", real)
-    prepared = data_io.prepare(cfg)
+    prepared = prepare_cfg(cfg)
     assert (prepared.root / "manifest.json").is_file()
 
 
 def test_incomplete_cache_is_rebuilt(corpus, tmp_path):
     cfg = make_cfg(corpus, tmp_path)
-    first = data_io.prepare(cfg)
+    first = prepare_cfg(cfg)
     shard = Path(first.train_files()[-1])
     expected = first.tokens("train")
     shard.unlink()
-    again = data_io.prepare(cfg)
+    again = prepare_cfg(cfg)
     assert again.root == first.root and shard.is_file()
     assert np.array_equal(again.tokens("train"), expected)
 
 
 def test_heldout_fraction_holds_out_document_tails(corpus, tmp_path):
-    prepared = data_io.prepare(make_cfg(corpus, tmp_path, heldout_fraction=0.25))
+    prepared = prepare_cfg(make_cfg(corpus, tmp_path, heldout_fraction=0.25))
     texts = prepared.heldout_texts()
     assert "doc7" in texts and "doc0#tail" in texts and len(texts) == 8
     full = (corpus / "doc0.txt").read_text()
@@ -173,20 +180,20 @@ def test_heldout_fraction_holds_out_document_tails(corpus, tmp_path):
 
 
 def test_max_train_tokens_caps_the_train_split(corpus, tmp_path):
-    prepared = data_io.prepare(make_cfg(corpus, tmp_path, max_train_tokens=1500))
+    prepared = prepare_cfg(make_cfg(corpus, tmp_path, max_train_tokens=1500))
     assert prepared.num_tokens("train") == 1500 == len(prepared.tokens("train"))
 
 
 def test_unknown_heldout_document_names_the_closest(corpus, tmp_path):
     with pytest.raises(UserError, match=r"'doc_3'.*did you mean 'doc3'"):
-        data_io.prepare(make_cfg(corpus, tmp_path, heldout_documents=["doc_3"]))
+        prepare_cfg(make_cfg(corpus, tmp_path, heldout_documents=["doc_3"]))
     assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())
 
 
 def test_missing_corpus_file_is_a_user_error(tmp_path):
     cfg = make_cfg(tmp_path / "nowhere", tmp_path)
     with pytest.raises(UserError, match="nowhere"):
-        data_io.prepare(cfg)
+        prepare_cfg(cfg)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -266,7 +273,7 @@ def test_heldout_batches_are_fixed_and_cover_the_split(prepared):
 
 
 def test_empty_heldout_split_is_a_clear_error(corpus, tmp_path):
-    prepared = data_io.prepare(make_cfg(corpus, tmp_path, heldout_documents=[]))
+    prepared = prepare_cfg(make_cfg(corpus, tmp_path, heldout_documents=[]))
     assert prepared.num_tokens("heldout") == 0
     with pytest.raises(UserError, match="held-out split"):
         data_io.heldout_batches(prepared, 1, 2, 16)

@@ -1,6 +1,6 @@
 import torch
 
-from rayq.model import GPT, block_linears, param_groups
+from rayq.model import BLOCK_LINEARS, GPT, param_groups
 from rayq.schema import ModelConfig
 
 CFG = ModelConfig(vocab_size=97, seq_len=16, n_layer=2, d_model=32, n_head=4)
@@ -10,7 +10,7 @@ def test_shapes_names_and_untied_embeddings():
     model = GPT(CFG)
     logits = model(torch.randint(0, 97, (3, 16)))
     assert logits.shape == (3, 16, 97)
-    names = set(block_linears(model))
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(BLOCK_LINEARS)}
     assert {f"blocks.{i}.{s}" for i in range(2) for s in ("attn.qkv", "attn.out", "mlp.fc_in", "mlp.fc_out")} == names
     assert model.lm_head.weight.data_ptr() != model.tok_emb.weight.data_ptr()
 

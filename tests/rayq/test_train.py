@@ -97,7 +97,7 @@ def test_corrupted_checkpoint_is_a_clear_error(tiny_setup, tmp_path):
 def test_lr_schedule():
     cfg = config_io.resolve("tiny", overrides=["recipe.steps=100", "recipe.warmup_steps=10", "recipe.lr=1.0",
                                                "recipe.min_lr_ratio=0.1"])
-    assert lr_at(5, cfg) == pytest.approx(0.5)
-    assert lr_at(10, cfg) == pytest.approx(1.0)
-    assert lr_at(100, cfg) == pytest.approx(0.1)
-    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+    assert lr_at(5, cfg.recipe) == pytest.approx(0.5)
+    assert lr_at(10, cfg.recipe) == pytest.approx(1.0)
+    assert lr_at(100, cfg.recipe) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg.recipe) >= lr_at(s + 1, cfg.recipe) for s in range(10, 100))

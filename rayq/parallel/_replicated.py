@@ -1,18 +1,5 @@
-"""How the one train loop spreads a model over ranks and devices: one strategy per layout.
-
-`rayq.train.run` asks `choose()` once and then only talks to the strategy, so the loop itself is
-the same for every layout:
-
-* `Replicated` — one process, or DDP over a torch.distributed process group (gloo / NCCL /
-  torch-xla's `xla` group): full checkpoints written by rank 0.
-* `rayq.sharding.FSDP` — FSDP2 (`fully_shard`) with DTensor shards and DCP checkpoints, for GPU
-  and CPU workers with `cluster.sharding: fsdp`.
-* `rayq.spmd.SPMD` — torch-xla SPMD (GSPMD) on XLA devices: one process per host drives all of
-  its chips; parameters are annotated as sharded over a global device mesh (FSDP when
-  `cluster.sharding: fsdp`, replicated otherwise) and the batch is split across devices.
-
-Every method that says "collective" must be called by all ranks at the same point.
-"""
+"""The `Replicated` strategy: one process, or DDP over a torch.distributed process group (gloo /
+NCCL / torch-xla's `xla` group); full checkpoints written by rank 0."""
 
 from __future__ import annotations
 
@@ -21,16 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from rayq import checkpoint as ckpt_io
 from rayq.precision import PrecisionPolicy
+from rayq.parallel._base import process_group_up
 from rayq.schema import Config
-
-
-def process_group_up(world: int) -> bool:
-    return world > 1 and dist.is_available() and dist.is_initialized()
 
 
 class Replicated:
@@ -60,7 +43,7 @@ class Replicated:
         """After the optimizer step, before any value is read back: on XLA, cut the lazy graph
         here, once per step."""
         if self.device.type == "xla":
-            import torch_xla
+            import torch_xla  # only on XLA hosts: torch-xla is not installed elsewhere
 
             torch_xla.sync()
 
@@ -86,18 +69,3 @@ class Replicated:
     def eval_model(self, model: nn.Module) -> Optional[nn.Module]:
         """Collective: the model the evaluator scores on this rank (None: this rank does not evaluate)."""
         return model if self.rank == 0 else None
-
-
-def choose(cfg: Config, device: torch.device, rank: int, world: int) -> Replicated:
-    """The strategy of this run. Call before the model is built: SPMD must be switched on before
-    the first XLA tensor exists."""
-    if device.type == "xla":
-        from rayq import spmd
-
-        if cfg.cluster.sharding == "fsdp" or spmd.is_active():
-            return spmd.SPMD(cfg, device, rank, world)
-    if cfg.cluster.sharding == "fsdp" and process_group_up(world):
-        from rayq.sharding import FSDP
-
-        return FSDP(cfg, device, rank, world)
-    return Replicated(cfg, device, rank, world)

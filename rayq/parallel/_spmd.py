@@ -2,7 +2,7 @@
 
 On TPUs rayq runs one process per host (the `spmd` layout of `rayq.cluster.xla`); the process
 drives all of its chips and every host runs the same program over a global device mesh. The
-`SPMD` strategy (`rayq.parallel`) expresses FSDP the GSPMD way (the layout torch-xla's own
+`SPMD` strategy expresses FSDP the GSPMD way (the layout torch-xla's own
 FSDPv2 uses), without wrapping modules, so parameter names and checkpoints stay rayq's:
 
 * mesh: one axis, `fsdp`, over every device of every host.
@@ -19,14 +19,14 @@ FSDPv2 uses), without wrapping modules, so parameter names and checkpoints stay 
 * checkpoints: `torch.distributed.checkpoint` with torch-xla's SPMD planners; every host writes
   the shards it owns, in the same `{"model", "optim"}` layout (parameter names as keys) as the
   FSDP2 path, so `rayq.checkpoint.load` reads them into full tensors without a device or
-  process group (what `rayq eval` and the evaluator actor do). Several hosts need a gloo process
+  process group (what `rayq eval` and the evaluator task do). Several hosts need a gloo process
   group for DCP's coordination: the xla backend starts one in the spmd layout.
 * evaluation runs on every host (one program), on the sharded model; rank 0 reports.
 
 Tested on XLA:CPU with 4 virtual devices (`CPU_NUM_DEVICES`) on one host (the xla lane): the loss
 curve equals eager CPU's, resume from the sharded checkpoint is exact. Several hosts could not be
 tested here (one PJRT CPU client is one host); on a multi-host slice prefer `eval.placement:
-actor`, which evaluates the committed checkpoints on the CPU head instead of inside the program.
+task`, which evaluates the committed checkpoints on the CPU head instead of inside the program.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from rayq import checkpoint as ckpt_io
 from rayq.errors import UserError
-from rayq.parallel import Replicated
+from rayq.parallel._replicated import Replicated
 
 AXIS = "fsdp"
 
@@ -98,7 +98,7 @@ class ShardedOutput(nn.Module):
 
 
 class SPMD(Replicated):
-    """The `rayq.parallel` strategy for torch-xla SPMD (see the module doc)."""
+    """The strategy for torch-xla SPMD (see the module doc)."""
 
     def __init__(self, cfg, device, rank, world):
         super().__init__(cfg, device, rank, world)
@@ -157,8 +157,6 @@ class SPMD(Replicated):
             ckpt_io.write(directory, model_state=None, optim_state=None, trainer_state=trainer_state, cfg=self.cfg)
 
     def load(self, directory, model, optimizer) -> dict:
-        from rayq import sharding
-
         d = Path(directory)
         if not ckpt_io.is_sharded(d):  # a full checkpoint (local or DDP run): copied into the shards
             return super().load(d, model, optimizer)
@@ -169,15 +167,13 @@ class SPMD(Replicated):
         state = self._state(model, optimizer)
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(d)), planner=SPMDLoadPlanner())
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(sharding.optim_fqns_to_ids(state["optim"]))
+        optimizer.load_state_dict(ckpt_io.optim_fqns_to_ids(state["optim"]))
         return ckpt_io.load_trainer(d)
 
     @staticmethod
     def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        from rayq import sharding
-
         return {"model": model.state_dict(),
-                "optim": sharding.optim_ids_to_fqns(optimizer.state_dict(), model, optimizer)}
+                "optim": ckpt_io.optim_ids_to_fqns(optimizer.state_dict(), model, optimizer)}
 
     def eval_model(self, model: nn.Module) -> Optional[nn.Module]:
         return model  # every host runs the same program; the sharded model is evaluated in place

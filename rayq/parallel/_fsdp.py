@@ -1,7 +1,8 @@
 """FSDP2 sharding and sharded (DCP) checkpoints, for models that do not fit one device.
 
 `cluster.sharding: fsdp` with more than one worker makes the one train loop (`rayq.train.run`)
-use the `FSDP` strategy (`rayq.parallel`): it shards the model with `torch.distributed.fsdp.fully_shard` instead of wrapping it in DDP:
+use the `FSDP` strategy: it shards the model with `torch.distributed.fsdp.fully_shard` instead
+of wrapping it in DDP:
 one FSDP unit per transformer block, one for `lm_head`, then the root (embeddings, final
 LayerNorm). Parameters, gradients and AdamW state are sharded on dim 0 across the workers
 (DTensors); the sharded fp32 parameters are the master weights the optimizer updates.
@@ -33,29 +34,35 @@ into its staging directory; rank 0 adds `trainer.pt` and `config.yaml` (`rayq.ch
 files), so `load_config` works on a sharded checkpoint. Locally all ranks share rank 0's staging
 directory; on Ray each rank reports its own and Ray Train merges them into one. Resume loads
 the shards back in place (any worker count: DCP reshards); `load_full_state_dict(dir)` reads a
-full, unsharded model state dict without a process group (what `rayq eval` uses through
-`rayq.checkpoint.load`).
+full, unsharded model state dict without a process group (what `rayq eval` and the evaluator use
+through `rayq.checkpoint.load_model`).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.tensor import DTensor
 
 from rayq import checkpoint as ckpt_io
-from rayq.parallel import Replicated
+from rayq.model import GPT
+from rayq.parallel._replicated import Replicated
 from rayq.precision import PrecisionPolicy
 from rayq.schema import Config
 
-def mixed_precision(cfg: Config, device_type: str):
-    """The FSDP `MixedPrecisionPolicy` of the recipe (None: parameters stay fp32; see module doc)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 
+def mixed_precision(cfg: Config, device_type: str) -> Optional[MixedPrecisionPolicy]:
+    """The FSDP `MixedPrecisionPolicy` of the recipe (None: parameters stay fp32; see module doc)."""
     policy = PrecisionPolicy.from_recipe(cfg.recipe, device_type)
     if policy.mode != "native":  # fp32, or emulated rounding (needs fp32 operands)
         return None
@@ -63,15 +70,12 @@ def mixed_precision(cfg: Config, device_type: str):
 
 
 class FSDP(Replicated):
-    """The `rayq.parallel` strategy for FSDP2 on GPU and CPU workers (see the module doc).
-    XLA devices never get here: `parallel.choose` sends them to `rayq.spmd.SPMD`."""
+    """The strategy for FSDP2 on GPU and CPU workers (see the module doc).
+    XLA devices never get here: `rayq.parallel.choose` sends them to `SPMD`."""
 
     def shard(self, model: nn.Module) -> nn.Module:
         """Apply `fully_shard` per transformer block, to `lm_head`, then the root; returns `model`
         (now an `FSDPModule` whose parameters are DTensor shards). Before the optimizer is built."""
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
         half = mixed_precision(self.cfg, self.device.type)
         unit = {"mesh": mesh, "mp_policy": half} if half is not None else {"mesh": mesh}
@@ -87,14 +91,10 @@ class FSDP(Replicated):
 
     def make_scaler(self, policy: PrecisionPolicy):
         """fp16 loss scaler whose found-inf check is agreed across ranks (None when not fp16)."""
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
         return policy.make_scaler(ShardedGradScaler)
 
     def clip(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """`clip_grad_norm_` over DTensor grads: the norm of the whole (global) gradient, as a plain tensor."""
-        from torch.distributed.tensor import DTensor
-
         params = [p for p in model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
         total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=None)
@@ -106,9 +106,6 @@ class FSDP(Replicated):
     def save(self, directory, model, optimizer, *, trainer_state: dict) -> None:
         """Collective: every rank writes its shards into `directory` (its own staging dir, or a
         shared one); rank 0 also writes trainer.pt and config.yaml."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
         dcp.save(state, checkpoint_id=str(directory))
         if self.rank == 0:
@@ -117,11 +114,6 @@ class FSDP(Replicated):
     def load(self, directory, model, optimizer) -> dict:
         """Collective: a sharded (DCP) checkpoint is read shard by shard (any saving world size); a
         full one (model.pt / optim.pt, from a DDP or local run) is sharded on load."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-
         d = Path(directory)
         if ckpt_io.is_sharded(d):
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
@@ -133,16 +125,12 @@ class FSDP(Replicated):
         full_opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, full["model"], options=full_opts)
         if full["optim"] is not None:
-            set_optimizer_state_dict(model, optimizer, optim_ids_to_fqns(full["optim"], model, optimizer),
+            set_optimizer_state_dict(model, optimizer, ckpt_io.optim_ids_to_fqns(full["optim"], model, optimizer),
                                      options=full_opts)
         return full["trainer"]
 
     def eval_model(self, model: nn.Module) -> Optional[nn.Module]:
         """Collective: an unsharded fp32 copy of `model` on rank 0 (None elsewhere) for the eval hook."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from rayq.model import GPT
-
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank != 0:
             return None
@@ -151,36 +139,3 @@ class FSDP(Replicated):
             copy = GPT(self.cfg.model, dropout=self.cfg.recipe.dropout)
         copy.load_state_dict(state, assign=True)
         return copy.to(device).train(model.training)
-
-
-def optim_ids_to_fqns(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """A plain `optimizer.state_dict()` (params numbered in group order) keyed by parameter names."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    fqns = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    return {"state": {fqns[i]: s for i, s in state["state"].items()},
-            "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in state["param_groups"]]}
-
-
-def optim_fqns_to_ids(state: dict) -> dict:
-    """The inverse: name-keyed optimizer state (DCP checkpoints) as a plain `optimizer.state_dict()`."""
-    ids: dict[str, int] = {}
-    for g in state["param_groups"]:
-        for fqn in g["params"]:
-            ids.setdefault(fqn, len(ids))
-    return {"state": {ids[k]: v for k, v in state["state"].items()},
-            "param_groups": [{**g, "params": [ids[f] for f in g["params"]]} for g in state["param_groups"]]}
-
-
-def load_full_state_dict(directory: str | os.PathLike, *, with_optimizer: bool = False) -> dict:
-    """A sharded checkpoint as full, unsharded tensors, without a process group:
-    {"model": state dict, "optim": plain optimizer state dict or None}."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    keys = {"model", "optim"} if with_optimizer else {"model"}
-    state: dict = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(str(directory)),
-                     planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
-    optim = state.get("optim")
-    return {"model": state["model"], "optim": optim_fqns_to_ids(optim) if optim else None}
