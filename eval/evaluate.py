@@ -26,14 +26,14 @@ import torch.nn as nn
 
 from rayq import metrics as metric_names
 from rayq.errors import UserError
-from rayq.kernels import quantize_, scheme_from_name
-from rayq.kernels.schemes import SchemeError, scheme_class
-from rayq.schema import Config, EvalConfig
-from rayq.train import EvalHook
 from rayq.eval.degradation import Interval, KLStats, kl_agreement, paired_bootstrap, token_batches
 from rayq.eval.diagnostics import Diagnostics, analyze
 from rayq.eval.scoring import Progress, TaskScores, as_tokenizer, encode_task, model_max_len, score_task
 from rayq.eval.tasks import PERPLEXITY, LastWord, MultipleChoice, Task, load_tasks
+from rayq.kernels import quantize_, scheme_from_name
+from rayq.kernels.schemes import SchemeError, scheme_class
+from rayq.schema import Config, EvalConfig
+from rayq.train import EvalHook
 
 Quantizer = Callable[[nn.Module, str], nn.Module]  # (FP model, scheme name) -> a quantized copy
 
@@ -236,8 +236,9 @@ class EvalInputs:
     kl_batches: list[torch.Tensor]
 
 
-def eval_inputs(cfg: Config, data: Any = None, *, tokenizer: Any = None, heldout_texts: Optional[Mapping[str, str]] = None,
-                heldout_tokens: Any = None, task_seed: int = 0) -> EvalInputs:
+def eval_inputs(cfg: Config, data: Any = None, *, tokenizer: Any = None,
+                heldout_texts: Optional[Mapping[str, str]] = None, heldout_tokens: Any = None,
+                task_seed: int = 0) -> EvalInputs:
     """Tasks and held-out KL batches of `cfg.eval`, from a `rayq.data.PreparedData` or explicit parts.
 
     `task_seed` is fixed (not the training seed) so every trial and seed is judged on the same items.

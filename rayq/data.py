@@ -51,10 +51,9 @@ __all__ = [
     "TokenStream",
     "prepare",
     "prepare_key",
-    "open_prepared",
+    "reuse_or_prepare",
     "train_batches",
     "heldout_batches",
-    "train_files",
     "read_tokens",
     "tokens_from_arrow",
 ]
@@ -447,7 +446,8 @@ def prepare(data_cfg: DataConfig, vocab_size: int, *, progress: Progress = None,
     return PreparedData(root)
 
 
-def _build(data_cfg: DataConfig, vocab_size: int, key: str, docs, train_docs, heldout_docs, out: Path, say, t_docs: float) -> None:
+def _build(data_cfg: DataConfig, vocab_size: int, key: str, docs, train_docs, heldout_docs, out: Path, say,
+           t_docs: float) -> None:
     import sentencepiece as spm
 
     from rayq.config import atomic_write_text

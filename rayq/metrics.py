@@ -47,6 +47,12 @@ PTQ_KEYS = ("degradation_pct", "degradation_pct_ci_low", "degradation_pct_ci_hig
             "kl", "kl_se", "top1_agree", "top1_agree_se")
 
 
+def _known(part: str, allowed: tuple[str, ...], family: str) -> str:
+    if part not in allowed:  # a programming error, not user input: the vocabulary is closed
+        raise ValueError(f"{part!r} is not a {family} metric (known: {', '.join(allowed)})")
+    return part
+
+
 def train(stat: str) -> str:
     return f"train/{_known(stat, TRAIN_STATS, 'train')}"
 
@@ -79,12 +85,6 @@ def ptq(scheme: str, key: str) -> str:
 def diag(stat: str, site: Optional[str] = None) -> str:
     """`diag/<stat>` (whole model) or `diag/<site>/<stat>` (one linear's input, e.g. site `blocks.0.attn.qkv`)."""
     return f"diag/{stat}" if site is None else f"diag/{site}/{stat}"
-
-
-def _known(part: str, allowed: tuple[str, ...], family: str) -> str:
-    if part not in allowed:  # a programming error, not user input: the vocabulary is closed
-        raise ValueError(f"{part!r} is not a {family} metric (known: {', '.join(allowed)})")
-    return part
 
 
 # ----------------------------------------------------------------------------- legal objectives

@@ -183,8 +183,9 @@ def heldout_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tenso
     return total / max(1, count)
 
 
-def run(cfg: Config, reporter: Reporter, *, data: Optional[data_io.PreparedData] = None, evaluator: Optional[EvalHook] = None,
-        device: Optional[torch.device | str] = None, batches: Optional[Iterator] = None,
+def run(cfg: Config, reporter: Reporter, *, data: Optional[data_io.PreparedData] = None,
+        evaluator: Optional[EvalHook] = None, device: Optional[torch.device | str] = None,
+        batches: Optional[Iterator] = None,
         stop_at: Optional[int] = None) -> RunResult:
     """Train `cfg` to `cfg.recipe.steps` (or `stop_at`), resuming from `reporter.restore()` if any.
 

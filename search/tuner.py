@@ -266,7 +266,8 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> Sea
         raise UserError(f"{out_dir}: holds a search already; pass --resume to continue it, or a new --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     config_io.save(cfg, out_dir / "config.yaml")
-    data = data_io.prepare(cfg.data, cfg.model.vocab_size, progress=lambda msg: print(msg, file=sys.stderr, flush=True))  # once
+    data = data_io.prepare(cfg.data, cfg.model.vocab_size,
+                           progress=lambda msg: print(msg, file=sys.stderr, flush=True))  # once
     connect(cfg.cluster.address)
 
     trainable = ray.tune.with_resources(

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 from rayq import checkpoint as ckpt_io
-from rayq.precision import PrecisionPolicy
 from rayq.parallel._base import process_group_up
+from rayq.precision import PrecisionPolicy
 from rayq.schema import Config
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from rayq import metrics as metric_names
 from rayq.errors import UserError
 from rayq.eval import evaluate, load_tasks, make_eval_hook, token_batches
 from rayq.schema import Config, EvalConfig
@@ -98,6 +99,8 @@ def test_evaluate_metric_names_and_result_with_a_stand_in_quantizer(trained_gpt)
         "ptq/noisy/kl", "ptq/noisy/kl_se", "ptq/noisy/top1_agree", "ptq/noisy/top1_agree_se",
     }
     assert expected <= set(m) and all(k.startswith(("fp/", "q/", "ptq/", "diag/")) for k in m)
+    # the search accepts every name the evaluator reports (one vocabulary: rayq.metrics)
+    assert [k for k in m if not metric_names.is_objective(k, [t.name for t in tasks], ["noisy"])] == []
     assert all(isinstance(v, float) for v in m.values())
     assert {"diag/qkv_rmse_mean", "diag/outlier_dims", "diag/spectral_norm_max"} <= set(m)
     assert m["ptq/noisy/kl"] > 0 and m["q/noisy/heldout-ppl/bpb"] > m["fp/heldout-ppl/bpb"]

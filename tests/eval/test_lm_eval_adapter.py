@@ -7,7 +7,6 @@ import pytest
 from rayq.eval import evaluate, load_task
 from rayq.schema import EvalConfig
 
-
 YAML = """task: rayq_toy_cloze
 dataset_path: json
 dataset_kwargs:

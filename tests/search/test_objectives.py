@@ -33,10 +33,27 @@ def test_parse_default_objectives():
 
 
 def test_task_and_scheme_metrics():
-    parse_objectives(["fp/heldout-cloze/acc:max", "ptq/w8a8-vectorwise/degradation_pct:max"], TASKS, SCHEMES)
-    assert "q/w8a8-vectorwise/heldout-cloze/acc" in known_metrics(TASKS, SCHEMES)
+    parse_objectives(["fp/heldout-cloze/acc_norm:max", "ptq/w8a8-vectorwise/degradation_pct:max"], TASKS, SCHEMES)
+    assert "q/w8a8-vectorwise/heldout-cloze/acc_norm" in known_metrics(TASKS, SCHEMES)
     # without a config only the shape is checked
     validate_metric("ptq/w4-colwise/kl")
+
+
+@pytest.mark.parametrize("name", [
+    "ptq/w8a8-vectorwise/top1_agree", "ptq/w8a8-vectorwise/top1_agree_se", "q/w8a8-vectorwise/acc",
+    "q/w8a8-vectorwise/heldout-cloze/acc_norm", "q/w8a8-vectorwise/heldout-lambada/acc", "eval/loss",
+    "fp/heldout-lambada/ppl", "fp/acc_norm", "fp/heldout-cloze/acc_bytes", "train/grad_norm", "diag/qkv_rmse_max",
+    "diag/blocks.0.attn.qkv/outlier_frac",
+])
+def test_every_name_the_evaluator_reports_is_an_objective(name):
+    assert validate_metric(name, TASKS, SCHEMES) == name
+    assert name in known_metrics(TASKS, SCHEMES) or name.startswith("diag/")
+
+
+@pytest.mark.parametrize("name", ["eval/seconds", "train/node_id", "eval/node", "fp/heldout-ppl/tokens", "q/acc"])
+def test_bookkeeping_and_made_up_names_are_not_objectives(name):
+    with pytest.raises(UserError):
+        validate_metric(name, TASKS, SCHEMES)
 
 
 @pytest.mark.parametrize(
