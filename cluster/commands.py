@@ -13,6 +13,7 @@ from rayq import data as data_io
 from rayq import train as train_loop
 from rayq.allocator import keep_pages
 from rayq.cluster import evaluator
+from rayq.commands import add_config_args, make_parser, parse_args
 from rayq.errors import UserError
 from rayq.schema import Config
 
@@ -73,8 +74,6 @@ def _check_run_dir(out: Path, cfg: Config) -> None:
 
 
 def train(argv: list[str]) -> int:
-    from rayq.commands import add_config_args, make_parser, parse_args
-
     parser = make_parser("rayq train", "Train a recipe into a run directory "
                          "(config.yaml, metrics.jsonl, checkpoints/step_N/). Rerunning resumes.")
     add_config_args(parser)

@@ -33,10 +33,14 @@ import functools
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Optional
 
+from rayq.cluster.backends import check, tpu_hosts
+from rayq.cluster.commands import add_launch_args, resolve_launch
+from rayq.commands import add_config_args, make_parser, parse_args
 from rayq.errors import UserError
-from rayq.schema import Config
+from rayq.model import count_parameters
+from rayq.schema import ClusterConfig, Config, ModelConfig
 
 GiB = 1024**3
 
@@ -73,7 +77,7 @@ _ALIASES = {
 }
 
 
-def accelerator_for(cluster: Any, override: Optional[str] = None) -> Accelerator:
+def accelerator_for(cluster: ClusterConfig, override: Optional[str] = None) -> Accelerator:
     name = override or cluster.accelerator_type
     if not name:
         if cluster.device == "cpu":
@@ -91,15 +95,13 @@ def accelerator_for(cluster: Any, override: Optional[str] = None) -> Accelerator
     return acc
 
 
-def device_count(cluster: Any) -> int:
+def device_count(cluster: ClusterConfig) -> int:
     """Accelerators the run trains on: GPUs of all workers, or TPU chips of all slices."""
     if cluster.device == "gpu":
         if cluster.gpus_per_worker < 1:
             raise UserError(f"cluster.gpus_per_worker={cluster.gpus_per_worker}: a full-scale run needs whole GPUs")
         return max(1, cluster.workers) * int(cluster.gpus_per_worker)
     if cluster.device == "tpu":
-        from rayq.cluster.backends import check, tpu_hosts
-
         check(cluster)
         chips = math.prod(int(x) for x in cluster.topology.lower().split("x"))
         per_worker = cluster.resources_per_worker.get("TPU")  # {TPU: 1}: one worker per chip
@@ -150,9 +152,7 @@ class Plan:
 
 
 @functools.lru_cache(maxsize=None)
-def _parameters(model: Any) -> int:
-    from rayq.model import count_parameters
-
+def _parameters(model: ModelConfig) -> int:
     return count_parameters(model)
 
 
@@ -274,9 +274,6 @@ def format_plan(p: Plan) -> str:
 
 
 def plan_command(argv: list[str]) -> int:
-    from rayq.cluster.commands import add_launch_args, resolve_launch
-    from rayq.commands import add_config_args, make_parser, parse_args
-
     parser = make_parser("rayq plan", "Memory per device and tokens/s a full-scale run needs on a cluster "
                                       "(model size, batch, sequence length, precision, sharding); refuses "
                                       "a plan that cannot fit (exit code 2).")

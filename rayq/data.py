@@ -40,7 +40,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import sentencepiece as spm
+import torch
 
+from rayq.config import atomic_write_text
 from rayq.corpus import Document, closest_name, load_documents
 from rayq.errors import UserError
 from rayq.schema import DataConfig
@@ -70,8 +75,6 @@ Progress = Optional[Callable[[str], None]]
 
 
 def _shard_schema():
-    import pyarrow as pa
-
     return pa.schema([("doc", pa.string()), ("chunk", pa.int32()), ("tokens", pa.list_(pa.int32()))])
 
 
@@ -167,7 +170,6 @@ def train_tokenizer(docs: list[Document], vocab_size: int, model_type: str, max_
     Byte fallback makes every string encodable; "\\n" is a piece of its own (documents keep their
     line structure) and whitespace runs are kept, so decode(encode(text)) is the text up to NFKC.
     """
-    import sentencepiece as spm
 
     lines = _training_lines(docs, max_chars)
     if not lines:
@@ -205,8 +207,6 @@ def train_tokenizer(docs: list[Document], vocab_size: int, model_type: str, max_
 def _write_split(sp, docs: list[Document], out_dir: Path, shard_tokens: int, cap: Optional[int],
                  progress: Progress) -> dict:
     """Encode `docs` into Parquet shards under out_dir; returns the manifest entry of the split."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     out_dir.mkdir(parents=True, exist_ok=True)
     schema = _shard_schema()
@@ -263,7 +263,6 @@ def _write_split(sp, docs: list[Document], out_dir: Path, shard_tokens: int, cap
 
 def read_tokens(files: Iterable[str | os.PathLike]) -> np.ndarray:
     """The concatenated token stream (int32) of Parquet shards, in the order given."""
-    import pyarrow.parquet as pq
 
     parts = [tokens_from_arrow(pq.read_table(f, columns=["tokens"])) for f in files]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
@@ -306,8 +305,6 @@ class PreparedData:
     def tokenizer(self):
         """The SentencePieceProcessor (loaded once)."""
         if self._sp is None:
-            import sentencepiece as spm
-
             self._sp = spm.SentencePieceProcessor(model_file=str(self.root / self.manifest["tokenizer"]["path"]))
         return self._sp
 
@@ -448,10 +445,6 @@ def prepare(data_cfg: DataConfig, vocab_size: int, *, progress: Progress = None,
 
 def _build(data_cfg: DataConfig, vocab_size: int, key: str, docs, train_docs, heldout_docs, out: Path, say,
            t_docs: float) -> None:
-    import sentencepiece as spm
-
-    from rayq.config import atomic_write_text
-
     times = {"documents": round(t_docs, 3)}
     t = time.perf_counter()
     budget = data_cfg.tokenizer_train_chars
@@ -546,7 +539,6 @@ class TokenStream:
         return self
 
     def __next__(self):
-        import torch
 
         start = self.position + self.rank * self.batch_size
         ids = self._window_ids(start, self.batch_size)
@@ -579,7 +571,6 @@ def train_batches(data: PreparedData, batch_size: int, seq_len: int, *, seed: in
 def heldout_batches(data: PreparedData, n: int, batch_size: int, seq_len: int) -> list:
     """`n` fixed (x, y) batches of shape (batch_size, seq_len) from the held-out split, spread
     evenly over it (the same batches at every eval step, so eval losses are comparable)."""
-    import torch
 
     tokens = data.tokens(HELDOUT)
     windows = (len(tokens) - 1) // seq_len

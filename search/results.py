@@ -1,10 +1,11 @@
 """The results of a search: every report of every trial in `DIR/results.parquet`, the final
 front in `DIR/pareto.csv`.
 
-`ResultsWriter` (in tuner.py, the module that imports ray) is a Ray Tune callback on the driver: each trial result becomes one row
-(`trial_id`, `recipe_id`, the trial's recipe values as `config/<path>`, every reported metric),
-and the table is rewritten atomically (temporary file + rename) as the search runs, at most every
-few seconds and at every trial end, so a killed driver leaves the last complete table. On resume
+`ResultsWriter` (in tuner.py, the module that imports ray) is a Ray Tune callback on the driver:
+each trial result becomes one row (`trial_id`, `recipe_id`, the trial's recipe values as
+`config/<path>`, every reported metric, each seed's checkpoint as `checkpoint_path/seed<k>`), and
+the table is rewritten atomically (temporary file + rename) as the search runs, at most every few
+seconds and at every trial end, so a killed driver leaves the last complete table. On resume
 the existing rows are kept. A trial's status is derived, never stored twice: `diverged` if it
 reported a divergence, `stopped` if the scheduler stopped it (its decisions are read from the
 scheduler's state file, with the milestone where it stopped), `completed` if it reached
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 
 from rayq.config import atomic_write_bytes, atomic_write_text
 from rayq.errors import UserError
+from rayq.search.pareto import pareto_front
 
 RESULTS = "results.parquet"
 PARETO = "pareto.csv"
@@ -121,8 +123,6 @@ def trial_status(rows: Sequence[dict], decisions: Sequence[dict], total_steps: i
 def front_rows(rows: Sequence[dict], decisions: Sequence[dict], total_steps: int, objectives: Sequence[Any],
                constraints: Sequence[Any] = ()) -> list[dict]:
     """The Pareto front of completed, feasible trials (last report of each), best first."""
-    from rayq.search.pareto import pareto_front
-
     status = trial_status(rows, decisions, total_steps)
     done = [s["last"] for s in status.values() if s["status"] == "completed"]
     done = [r for r in done if all(c.satisfied(r) for c in constraints)]

@@ -1,5 +1,6 @@
-"""The recipe search on Ray Tune (this module imports ray; `rayq.search` itself does not): each trial is one recipe, trained with `seeds_per_recipe` seeds
-as Ray Train runs, reported to Tune as the seed mean (with a between-seed standard error).
+"""The recipe search on Ray Tune (this module imports ray; `rayq.search` itself does not): each
+trial is one recipe, trained with `seeds_per_recipe` seeds as Ray Train runs, reported to Tune as
+the seed mean (with a between-seed standard error) and each seed's checkpoint.
 
 Why seeds live inside a trial: seed-to-seed spread of KL (~5% here) exceeds a model's own
 evaluation error, so the scheduler and Optuna must compare recipes, not single runs. A trial

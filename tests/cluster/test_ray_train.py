@@ -85,3 +85,23 @@ def test_ray_data_loader_feeds_the_same_loop(ray_local, tiny_setup, tmp_path):
     assert metrics["step"] == 6 and metrics["train/loss"] < 7
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "checkpoint_path" in r] == [3, 6]
+
+
+def test_train_honours_eval_placement_task(ray_local, tiny_setup, tmp_path):
+    """`eval.placement: task`: the workers run no eval hook; the driver evaluates every committed
+    checkpoint in a Ray task and writes each report once, with the task's metrics merged in."""
+    from rayq.cluster.trainer import fit
+
+    base, _ = tiny_setup
+    cfg = config_io.with_values(base, {"recipe.steps": 6, "train.checkpoint_every": 3, "train.eval_every": 3,
+                                       "train.log_every": 1, "eval.placement": "task", "eval.task_size": 8,
+                                       "eval.kl_tokens": 256, "eval.bootstrap_samples": 10,
+                                       "cluster.workers": 1, "cluster.cpus_per_worker": 0.5,
+                                       "cluster.evaluator_resources": {"CPU": 0.5}})
+    last = fit(cfg, tmp_path / "run", evaluate=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # one writer: each report once
+    evaluated = [r["step"] for r in rows if "ptq/w8a8-vectorwise/kl" in r]
+    assert evaluated == [3, 6] == [r["step"] for r in rows if "checkpoint_path" in r]
+    assert all("eval/node_id" in r for r in rows if r["step"] in (3, 6))  # scored by the task, not the loop
+    assert last["step"] == 6 and "fp/acc" in last and last["checkpoint_path"] == rows[-1]["checkpoint_path"]

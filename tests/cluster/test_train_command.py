@@ -50,3 +50,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert expected in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "c" / "checkpoints").exists()  # nothing half-written
+
+
+def test_task_placement_needs_ray_workers_and_actor_is_gone(tmp_path, capsys):
+    """`rayq train` honours eval.placement: in-process there is no Ray task to evaluate in."""
+    base = ["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--set"]
+    assert main([*base, "eval.placement=task"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "eval.placement=task" in err and "cluster.workers" in err and len(err.splitlines()) == 1
+    assert main([*base, "eval.placement=actor"]) == 2  # renamed: a Ray task, not an actor
+    assert "eval.placement" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
