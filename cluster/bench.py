@@ -25,7 +25,7 @@ def _bare_loop(cfg, data, steps: int) -> float:
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, torch.device("cpu"))
-    opt = build_optimizer(model, cfg)
+    opt = build_optimizer(model, cfg.recipe)
     batches = data_io.train_batches(data, cfg.recipe.batch_size, cfg.model.seq_len, seed=cfg.train.seed)
     rates = []
     for i in range(steps):

@@ -17,7 +17,7 @@ Two layouts, chosen by how many TPU chips one Ray Train worker owns:
 * ``spmd`` (one worker per host, all its chips): `torch_xla.runtime.use_spmd()`; no `xla` process
   group (torch-xla forbids it under SPMD). With several hosts a gloo process group (env:// from
   the variables above) coordinates what is host-side only: sharded checkpoints (DCP), the
-  run directory, RNG states. The train loop's `rayq.spmd.SPMD` strategy shards the model.
+  run directory, RNG states. The train loop's `rayq.parallel.SPMD` strategy shards the model.
 
 A single worker (world size 1) needs no process group at all: that is the XLA:CPU test lane
 (`PJRT_DEVICE=CPU`, `cluster/xla_lane.sh`).

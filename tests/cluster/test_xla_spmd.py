@@ -1,4 +1,4 @@
-"""FSDP through torch-xla SPMD (`rayq.spmd`) on XLA:CPU with 4 virtual devices: the xla lane.
+"""FSDP through torch-xla SPMD (`rayq.parallel.SPMD`) on XLA:CPU with 4 virtual devices: the xla lane.
 
 SPMD and the device count are fixed when torch-xla's PJRT client starts, and this pytest process
 already has a 1-device client (test_xla.py), so the SPMD runs happen in fresh processes:
