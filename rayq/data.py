@@ -41,8 +41,8 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from rayq.corpus import Document, closest_name, load_documents
-from rayq.errors import UserError
+from rayq.corpus import Document, load_documents
+from rayq.errors import UserError, did_you_mean
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -110,7 +110,7 @@ def _split_documents(cfg, docs: list[Document]) -> tuple[list[Document], list[Do
         seen.add(name)
     for name in cfg.data.heldout_documents:
         if name not in seen:
-            raise UserError(f"data.heldout_documents: no document named {name!r}{closest_name(name, names)}")
+            raise UserError(f"data.heldout_documents: no document named {name!r}{did_you_mean(name, names, cutoff=0.3)}")
     held = set(cfg.data.heldout_documents)
     train, heldout = [], []
     for doc in docs:
