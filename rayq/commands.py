@@ -129,10 +129,6 @@ def config_from_args(args: argparse.Namespace, values: dict[str, Any] | None = N
                    file_values=files, values={**flags, **(values or {})})
 
 
-def _progress(msg: str) -> None:
-    say(msg)
-
-
 # ============================================================================ rayq data
 
 
@@ -148,7 +144,7 @@ def data(argv: Sequence[str]) -> int:
     from rayq import data as data_io
 
     cfg = config_from_args(args)
-    prepared = data_io.prepare(cfg, progress=_progress)
+    prepared = data_io.prepare(cfg, progress=say)
     summary = prepared.summary()
     if args.json:
         print(json.dumps(summary))

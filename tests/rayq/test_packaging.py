@@ -51,3 +51,19 @@ def test_help_lists_commands_and_imports_neither_torch_nor_ray():
                 "print('torch' in sys.modules, 'ray' in sys.modules)")
         last = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split()[-2:]
         assert last == ["False", "False"], argv
+
+
+def _tracked_files() -> list[Path]:
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    return [ROOT / name for name in listed.decode().split("\0") if name]
+
+
+def test_repository_tracks_no_binaries_and_no_machine_paths():
+    machine = "/" + "work/"  # the development machine's checkout root, spelled so this file is clean
+    files = _tracked_files()
+    assert any(p.name == "pyproject.toml" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        assert b"\0" not in data, f"{path.relative_to(ROOT)} is binary"
+        assert machine.encode() not in data, f"{path.relative_to(ROOT)} names a machine path"
+        assert path.suffix != ".whl"
