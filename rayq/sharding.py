@@ -52,6 +52,7 @@ from rayq.parallel import Replicated
 from rayq.precision import PrecisionPolicy
 from rayq.schema import Config
 
+
 def mixed_precision(cfg: Config, device_type: str):
     """The FSDP `MixedPrecisionPolicy` of the recipe (None: parameters stay fp32; see module doc)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -118,9 +119,13 @@ class FSDP(Replicated):
         """Collective: a sharded (DCP) checkpoint is read shard by shard (any saving world size); a
         full one (model.pt / optim.pt, from a DDP or local run) is sharded on load."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         d = Path(directory)
         if ckpt_io.is_sharded(d):

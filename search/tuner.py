@@ -33,7 +33,6 @@ from rayq.search import results as results_io
 from rayq.search.space import TUNE_POINTS_KEY
 
 
-
 def recipe_values(trial_config: dict) -> dict:
     """Dotted recipe values of a trial (grid mode nests them under one key)."""
     values = dict(trial_config.get(TUNE_POINTS_KEY, {}))

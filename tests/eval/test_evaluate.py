@@ -12,7 +12,6 @@ from rayq.eval import evaluate, load_tasks, make_eval_hook, token_batches
 from rayq.schema import Config, EvalConfig
 
 
-
 def _tasks(gpt, size=64):
     return load_tasks(["heldout-lambada", "heldout-cloze", "heldout-ppl"], {}, heldout_texts=gpt.heldout, size=size)
 
@@ -99,10 +98,10 @@ def test_evaluate_metric_names_and_result_with_a_stand_in_quantizer(trained_gpt)
 
 
 def test_degradation_skips_tasks_with_zero_fp_score():
+    from eval_helpers import BigramLM, CharTokenizer
+
     from rayq.eval import MultipleChoice, Task
     from rayq.eval.tasks import MULTIPLE_CHOICE
-
-    from eval_helpers import BigramLM, CharTokenizer
 
     lose = Task("lose", MULTIPLE_CHOICE, "acc", (MultipleChoice(("a",) * 2, (" the", " zzq"), 1),), "t")
     win = Task("win", MULTIPLE_CHOICE, "acc", (MultipleChoice(("a",) * 2, (" the", " zzq"), 0),), "t")

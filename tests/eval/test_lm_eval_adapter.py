@@ -6,7 +6,6 @@ import pytest
 
 from rayq.eval import evaluate, load_task
 
-
 YAML = """task: rayq_toy_cloze
 dataset_path: json
 dataset_kwargs:

@@ -1,11 +1,10 @@
 import json
 
 import pytest
+from eval_helpers import FIXTURES, toy_text
 
 from rayq.errors import UserError
 from rayq.eval import PAPER_TASKS, TASKS, LastWord, MultipleChoice, Passage, get_spec, load_task, load_tasks
-
-from eval_helpers import FIXTURES, toy_text
 
 PATHS = {
     "piqa": FIXTURES / "piqa" / "valid.jsonl",

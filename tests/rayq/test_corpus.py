@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayq import corpus
-from rayq.corpus import embedded
-from rayq.corpus import Document, read_sources
+from rayq.corpus import Document, embedded, read_sources
 from rayq.errors import UserError
 
 

@@ -9,14 +9,14 @@ import pytest
 from rayq.errors import UserError
 from rayq.schema import Config, ModelConfig, RecipeConfig, SearchConfig
 from rayq.search.space import (
-    validate_milestones,
-    validate_search,
     PAPER_CONTROLS,
     leaf_paths,
     paper_axes_grid,
     paper_axes_variants,
     parse_space,
     recipe_label,
+    validate_milestones,
+    validate_search,
 )
 
 TABLE = Path(__file__).resolve().parents[1] / "fixtures" / "paper_table_a3.json"  # the paper's Table A.3
