@@ -147,3 +147,11 @@ def test_real_embedded_corpus(tmp_path):
     assert "Emma Woodhouse, handsome, clever, and rich" in by["austen/emma"]
     assert "<" not in "".join(by[n] for n in web)  # markup stripped, notes dropped
     assert corpus.embedded_documents(tmp_path) == docs  # cached copy
+
+
+def test_corpus_package_keeps_its_public_names():
+    from rayq.corpus import sources
+
+    for name in corpus.__all__:
+        assert hasattr(corpus, name), name
+    assert corpus.embedded_documents is embedded.embedded_documents and corpus.read_sources is sources.read_sources
