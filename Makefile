@@ -3,15 +3,18 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# setuptools announces every editable install of a package-dir layout ("Editable installation ...
+# be careful with folders ... same name"): information, not a problem; only that one is silenced.
+PIP    := PYTHONWARNINGS="ignore:Editable installation:UserWarning" $(BIN)/python -m pip
 
-.PHONY: demo test test-fast test-xla venv clean
+.PHONY: demo test test-fast test-xla lint venv clean
 
 # The venv is (re)installed when pyproject.toml changes. torch is pinned to the CPU build
 # (torch==2.13.0) in pyproject.toml: a looser pin would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e ".[test]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -33,6 +36,11 @@ test-fast: $(STAMP)
 # checkout: ~/.cache/rayq/xla-venv; ~5 min and ~8 GB the first time), then the xla-marked tests.
 test-xla:
 	cluster/xla_lane.sh
+
+# ruff (pyflakes, pycodestyle errors, import order; settings in pyproject.toml) from the lint extra.
+lint: $(STAMP)
+	$(PIP) install --quiet -e ".[lint]"
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -66,14 +66,12 @@ def main(argv: list[str]) -> int:
     from rayq.commands import add_config_args, make_parser, parse_args
 
     parser = make_parser("rayq bench train", "tokens/s: Ray Train vs no Ray vs a bare loop; bf16 vs fp32")
-    add_config_args(parser)
+    add_config_args(parser, shortcuts=())
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="tiny preset, few steps, no Ray (a smoke test)")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray Train measurement")
     parser.add_argument("--json", action="store_true")
     args = parse_args(parser, argv)
-    if isinstance(args, int):
-        return args
     import torch
 
     from rayq import config as config_io

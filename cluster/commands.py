@@ -13,54 +13,10 @@ from rayq import data as data_io
 from rayq import train as train_loop
 from rayq.allocator import keep_pages
 from rayq.cluster import evaluator
-from rayq.commands import add_config_args, make_parser, parse_args
+from rayq.commands import add_config_args, config_from_args, make_parser, parse_args
+from rayq.config import cluster_values, recipe_values  # noqa: F401 - re-exported for the cluster room's callers
 from rayq.errors import UserError
 from rayq.schema import Config
-
-
-def recipe_values(path: str) -> dict:
-    """Dotted values from an exported recipe file (its `recipe:` section)."""
-    data = config_io.read_yaml_file(path, "recipe")
-    if not isinstance(data.get("recipe"), dict):
-        raise UserError(f"{path}: expected a 'recipe:' section (as written by rayq export)")
-    return {f"recipe.{k}": v for k, v in data["recipe"].items()}
-
-
-def cluster_values(path: str) -> dict:
-    """Dotted values from a cluster file: a `cluster:` section (or `rayq:` block of a launcher file)."""
-    data = config_io.read_yaml_file(path, "cluster")
-    section = data.get("cluster")
-    if section is None and isinstance(data.get("rayq"), dict):  # Ray launcher files carry a rayq: block
-        section = data["rayq"].get("cluster")
-    if not isinstance(section, dict):
-        raise UserError(f"{path}: expected a 'cluster:' section (or rayq: {{cluster: ...}} in a launcher file)")
-    return {f"cluster.{k}": v for k, v in section.items()}
-
-
-def add_launch_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", help="an exported recipe YAML (rayq export) applied on top of the preset")
-    parser.add_argument("--cluster", help="a cluster file (cluster/configs/...) with a cluster: section")
-    parser.add_argument("--workers", type=int, help="Ray Train workers (0 = in-process without Ray)")
-    parser.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
-
-
-def resolve_launch(args: argparse.Namespace) -> Config:
-    """Preset/file < recipe file < cluster file < --set < explicit flags."""
-    values: dict = {}
-    if args.recipe:
-        values.update(recipe_values(args.recipe))
-    if args.cluster:
-        values.update(cluster_values(args.cluster))
-    cfg = config_io.resolve(preset=args.preset, config_file=args.config, overrides=args.overrides,
-                            file_values=values)
-    flags = {}
-    if args.workers is not None:
-        flags["cluster.workers"] = args.workers
-    if args.address:
-        flags["cluster.address"] = args.address
-    if getattr(args, "steps", None) is not None:
-        flags["recipe.steps"] = args.steps
-    return config_io.with_values(cfg, flags) if flags else cfg
 
 
 def _check_run_dir(out: Path, cfg: Config) -> None:
@@ -77,16 +33,12 @@ def train(argv: list[str]) -> int:
     parser = make_parser("rayq train", "Train a recipe into a run directory "
                          "(config.yaml, metrics.jsonl, checkpoints/step_N/). Rerunning resumes.")
     add_config_args(parser)
-    add_launch_args(parser)
     parser.add_argument("--out", required=True, help="run directory")
-    parser.add_argument("--steps", type=int, help="override recipe.steps")
     parser.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                         help="run the INT8 evaluator (tasks, KL, degradation) at eval steps")
     parser.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     args = parse_args(parser, argv)
-    if isinstance(args, int):
-        return args
-    cfg = resolve_launch(args)
+    cfg = config_from_args(args)
     out = Path(args.out)
     _check_run_dir(out, cfg)
 

@@ -36,8 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from rayq.cluster.backends import check, tpu_hosts
-from rayq.cluster.commands import add_launch_args, resolve_launch
-from rayq.commands import add_config_args, make_parser, parse_args
+from rayq.commands import add_config_args, config_from_args, make_parser, parse_args
 from rayq.errors import UserError
 from rayq.model import count_parameters
 from rayq.schema import ClusterConfig, Config, ModelConfig
@@ -278,7 +277,6 @@ def plan_command(argv: list[str]) -> int:
                                       "(model size, batch, sequence length, precision, sharding); refuses "
                                       "a plan that cannot fit (exit code 2).")
     add_config_args(parser)
-    add_launch_args(parser)
     parser.add_argument("--days", type=float, default=3.0, help="target wall-clock days for recipe.steps (3)")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (0.4)")
     parser.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
@@ -287,9 +285,7 @@ def plan_command(argv: list[str]) -> int:
     parser.add_argument("--accelerator", help=f"override cluster.accelerator_type ({', '.join(ACCELERATORS)})")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parse_args(parser, argv)
-    if isinstance(args, int):
-        return args
-    cfg = resolve_launch(args)
+    cfg = config_from_args(args)
     p = make_plan(cfg, days=args.days, mfu=args.mfu, checkpointing=args.checkpointing, headroom=args.headroom,
                   accelerator=args.accelerator)
     print(json.dumps(p.to_dict()) if args.json else format_plan(p))

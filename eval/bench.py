@@ -47,8 +47,6 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parse_args(parser, argv)
-    if isinstance(args, int):
-        return args
     if args.sequences < 1 or args.repeats < 1:
         from rayq.errors import UserError
 

@@ -155,8 +155,6 @@ def eval_(argv: Sequence[str]) -> int:
                         help="rayq.kernels GEMM path of the quantized models (default auto)")
     parser.add_argument("--diagnostics", action="store_true", help="also compute the paper's §5 diagnostics")
     args = parse_args(parser, argv)
-    if isinstance(args, int):
-        return args
 
     values: dict[str, Any] = {}
     if args.schemes is not None:
@@ -218,8 +216,6 @@ def analyze(argv: Sequence[str]) -> int:
     parser.add_argument("--token-frac", type=float, default=0.06, help="fraction of tokens (Dettmers: 0.06)")
     parser.add_argument("--no-plots", action="store_true", help="write diagnostics.json only")
     args = parse_args(parser, argv)
-    if isinstance(args, int):
-        return args
     if args.batches < 1 or args.batch_size < 1:
         raise UserError("--batches and --batch-size must be >= 1")
     if not (0 < args.layer_frac <= 1 and 0 < args.token_frac <= 1):

@@ -2,16 +2,19 @@
 
 The registry holds "module:function" strings only, so `rayq --help` imports nothing heavy
 (no torch, no ray) and no import runs back up the house. Each command function takes its own
-argv and returns an exit code. Exit codes: 0 success, 2 bad input (one line, no traceback),
-1 internal failure.
+argv and returns an exit code; after --help it raises `HelpShown` (exit code 0). Exit codes:
+0 success, 2 bad input (one line, no traceback), 1 internal failure.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
-# name -> (target, one-line help). Rooms add their commands here as they land.
+from rayq.errors import HelpShown, UserError, did_you_mean
+
+# name -> (target, one-line help): each room registers its subcommands here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("rayq.search.commands:search", "multi-objective recipe search on Ray Tune (FP accuracy vs PTQ degradation)"),
     "train": ("rayq.cluster.commands:train", "train a recipe: in-process, or on Ray Train workers (--workers N)"),
@@ -42,8 +45,6 @@ def load(target: str):
 
 
 def _user_error_types() -> tuple[type, ...]:
-    from rayq.errors import UserError
-
     types: list[type] = [UserError]
     if "rayq.kernels" in sys.modules:  # kernels imports only torch, so it has its own error type
         from rayq.kernels import SchemeError
@@ -64,14 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        print(f"rayq: unknown command {name!r}{hint}", file=sys.stderr)
+        print(f"rayq: unknown command {name!r}{did_you_mean(name, COMMANDS)}", file=sys.stderr)
         return 2
     try:
         return int(load(COMMANDS[name][0])(rest) or 0)
+    except HelpShown:
+        return 0
     except KeyboardInterrupt:
         print("rayq: interrupted", file=sys.stderr)
         return 130
@@ -83,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `rayq ls presets | head -1`: the reader left; that is not a failure
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        code = 0
+    sys.exit(code)
 
 
 if __name__ == "__main__":

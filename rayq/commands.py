@@ -3,35 +3,40 @@
 Each takes its argv and returns an exit code (see `rayq.cli`). Results go to stdout (`--json`
 for machines), progress to stderr. Bad input raises `UserError`, which the CLI prints as one line
 with exit code 2; that includes argparse's own errors (`ArgumentParser.error` is overridden,
-because argparse would print a usage block and call `sys.exit`).
+because argparse would print a usage block and call `sys.exit`). `--help` raises `HelpShown`,
+which the CLI turns into exit code 0.
 
-The config flags shared by every command that runs a config (`rayq train`, `search`, `eval`,
+The config flags shared by every command that runs a config (`rayq train`, `search`, `plan`,
 `data prepare`, `validate`) come from `add_config_args` / `config_from_args`, so they read the
-same everywhere:
+same everywhere and the `Config` is built by one `resolve()`:
 
     parser = make_parser("rayq train", "train a recipe")
-    add_config_args(parser)
-    args = parse_args(parser, argv)          # an int exit code for --help
-    if isinstance(args, int): return args
+    add_config_args(parser)                  # --preset --config --set --recipe --cluster + SHORTCUTS
+    args = parse_args(parser, argv)          # raises HelpShown after --help
     cfg = config_from_args(args)
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
+import dataclasses
 import importlib
 import json
-import sys
-from typing import Any, Sequence
+import textwrap
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
 
-from rayq.errors import UserError
+from rayq.errors import HelpShown, UserError, did_you_mean
+from rayq.progress import say
 
 __all__ = [
     "make_parser",
     "parse_args",
     "add_config_args",
     "config_from_args",
+    "SHORTCUTS",
+    "Shortcut",
+    "SECTION_CHECKS",
     "data",
     "ls",
     "validate",
@@ -54,38 +59,74 @@ def make_parser(prog: str, description: str = "") -> argparse.ArgumentParser:
     return _Parser(prog=prog, description=description)
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
-    """Parse argv; returns the exit code instead of exiting when argparse prints --help."""
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse argv; after --help (argparse printed it and exits) raise `HelpShown` (exit code 0)."""
     try:
         return parser.parse_args(list(argv))
-    except SystemExit as exc:  # --help / --version: argparse already printed
-        return int(exc.code or 0)
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            raise HelpShown() from None
+        raise UserError(f"{parser.prog}: invalid arguments (see {parser.prog} --help)") from None
 
 
-def add_config_args(parser: argparse.ArgumentParser, *, config_required: bool = False) -> None:
-    """--preset NAME, --config FILE, --set key=value (repeatable): defaults < preset < file < --set."""
+@dataclass(frozen=True)
+class Shortcut:
+    """A flag that is a short spelling of one dotted config key (`--steps N` = `--set recipe.steps=N`)."""
+
+    flag: str
+    key: str
+    type: type
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+SHORTCUTS: dict[str, Shortcut] = {s.dest: s for s in (
+    Shortcut("--steps", "recipe.steps", int, "optimizer steps"),
+    Shortcut("--workers", "cluster.workers", int, "Ray Train workers (0 = in-process without Ray)"),
+    Shortcut("--address", "cluster.address", str, "Ray cluster address (default: an embedded local Ray)"),
+)}
+
+
+def add_config_args(
+    parser: argparse.ArgumentParser,
+    *,
+    config_required: bool = False,
+    shortcuts: Iterable[str] = tuple(SHORTCUTS),
+) -> None:
+    """The config flags; precedence defaults < --preset < --config < --recipe < --cluster < --set
+    < shortcut flags. `shortcuts` picks the `SHORTCUTS` a command offers (a command with its own
+    `--steps` meaning passes the others)."""
     group = parser.add_argument_group("configuration")
     group.add_argument("--preset", metavar="NAME", help="start from a shipped preset (rayq ls presets)")
     group.add_argument("--config", metavar="FILE", required=config_required,
                        help="a YAML config file (e.g. a run directory's config.yaml)")
+    group.add_argument("--recipe", metavar="FILE", help="an exported recipe YAML (rayq export) on top of the preset")
+    group.add_argument("--cluster", metavar="NAME|FILE",
+                       help="a cluster file, or the name of a shipped one (gcp-tpu, gcp-gpu, aws-gpu, kuberay-gpu, ...)")
     group.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                        help="override a dotted config key, e.g. --set recipe.weight_decay=0.1 (repeatable)")
+    for name in shortcuts:
+        s = SHORTCUTS[name]
+        group.add_argument(s.flag, dest=s.dest, type=s.type, metavar=s.key.split(".")[-1].upper(),
+                           help=f"{s.help} (= --set {s.key}=...)")
 
 
 def config_from_args(args: argparse.Namespace, values: dict[str, Any] | None = None):
-    """The resolved, validated `Config` of the flags added by `add_config_args`."""
-    from rayq.config import resolve
+    """The resolved, validated `Config` of the flags added by `add_config_args` (one `resolve()`);
+    `values` (dotted, already typed) win over every flag."""
+    from rayq.config import cluster_values, recipe_values, resolve
 
-    return resolve(preset=args.preset, config_file=args.config, overrides=args.overrides, values=values)
-
-
-def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _closest(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    files: dict[str, Any] = {}
+    if getattr(args, "recipe", None):
+        files.update(recipe_values(args.recipe))
+    if getattr(args, "cluster", None):
+        files.update(cluster_values(args.cluster))
+    flags = {s.key: getattr(args, s.dest) for s in SHORTCUTS.values() if getattr(args, s.dest, None) is not None}
+    return resolve(preset=args.preset, config_file=args.config, overrides=args.overrides,
+                   file_values=files, values={**flags, **(values or {})})
 
 
 # ============================================================================ rayq data
@@ -99,13 +140,11 @@ def data(argv: Sequence[str]) -> int:
     add_config_args(prep)
     prep.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parse_args(parser, argv)
-    if isinstance(args, int):
-        return args
 
     from rayq import data as data_io
 
     cfg = config_from_args(args)
-    prepared = data_io.prepare(cfg.data, cfg.model.vocab_size, progress=_progress)
+    prepared = data_io.prepare(cfg.data, cfg.model.vocab_size, progress=say)
     summary = prepared.summary()
     if args.json:
         print(json.dumps(summary))
@@ -124,6 +163,8 @@ def data(argv: Sequence[str]) -> int:
 
 
 def _preset_descriptions() -> list[tuple[str, str]]:
+    """Each preset's leading comment block, whole: a description stops at a sentence's end, never
+    at the end of the first line."""
     from importlib import resources
 
     from rayq.config import PRESET_PACKAGE, list_presets
@@ -131,8 +172,14 @@ def _preset_descriptions() -> list[tuple[str, str]]:
     out = []
     for name in list_presets():
         text = resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
-        first = next((ln for ln in text.splitlines() if ln.strip()), "")
-        desc = first.lstrip("#").strip() if first.lstrip().startswith("#") else ""
+        block: list[str] = []
+        for line in text.splitlines():
+            if not line.lstrip().startswith("#"):
+                if block or line.strip():
+                    break
+                continue
+            block.append(line.lstrip().lstrip("#").strip())
+        desc = " ".join(part for part in block if part)
         if desc.startswith(f"{name}:"):
             desc = desc[len(name) + 1 :].strip()
         out.append((name, desc))
@@ -173,10 +220,8 @@ def ls(argv: Sequence[str]) -> int:
     parser.add_argument("topic", metavar="{presets,quant,tasks}", help="what to list")
     parser.add_argument("--json", action="store_true", help="print [{name, description}] as JSON")
     args = parse_args(parser, argv)
-    if isinstance(args, int):
-        return args
     if args.topic not in LS_TOPICS:
-        raise UserError(f"ls {args.topic}: unknown topic{_closest(args.topic, list(LS_TOPICS))} "
+        raise UserError(f"ls {args.topic}: unknown topic{did_you_mean(args.topic, LS_TOPICS)} "
                         f"(choose from {', '.join(LS_TOPICS)})")
     rows = LS_TOPICS[args.topic]()
     if args.json:
@@ -184,7 +229,9 @@ def ls(argv: Sequence[str]) -> int:
         return 0
     width = max((len(n) for n, _ in rows), default=0)
     for name, desc in rows:
-        print(f"{name:<{width}}  {desc}".rstrip())
+        # long descriptions wrap under their own column instead of being cut
+        print(textwrap.fill(desc, width=max(100, width + 40), initial_indent=f"{name:<{width}}  ",
+                            subsequent_indent=" " * (width + 2), break_on_hyphens=False) if desc else name)
     return 0
 
 
@@ -215,17 +262,77 @@ def _summary_lines(cfg) -> list[str]:
     ]
 
 
+# Checks of the sections owned by rooms above the core, as lazy "module:function" names (the
+# cli's registry pattern): each takes the whole Config and raises UserError. `rayq validate` runs
+# them so it refuses what `rayq search`/`rayq eval` would refuse; `rayq --help` imports none.
+SECTION_CHECKS: dict[str, str] = {
+    "eval": "rayq.commands:_check_eval",
+    "search": "rayq.commands:_check_search",
+}
+
+
+def _check_search(cfg) -> None:
+    """A config with a search space gets every check `rayq search` makes before Ray starts; one
+    without (a train config) still gets its objectives and constraints checked."""
+    if cfg.search.space:
+        from rayq.search.space import validate_search
+
+        validate_search(cfg)
+        return
+    from rayq.search.objectives import parse_constraints, parse_objectives
+
+    tasks, schemes = list(cfg.eval.tasks), list(cfg.eval.schemes)
+    parse_objectives(list(cfg.search.objectives), tasks, schemes)
+    parse_constraints(list(cfg.search.constraints), tasks, schemes)
+
+
+def _check_eval(cfg) -> None:
+    """eval.schemes through the kernels registry, eval.tasks through the task registry."""
+    from rayq.eval.evaluate import check_schemes
+    from rayq.eval.tasks import get_spec
+
+    check_schemes(list(cfg.eval.schemes))
+    for name in cfg.eval.tasks:
+        get_spec(name)
+
+
+def _run_section_checks(cfg) -> None:
+    from rayq.cli import load
+
+    for target in SECTION_CHECKS.values():
+        load(target)(cfg)
+
+
+def explain(key: str) -> str:
+    """Type, default and doc of a dotted config key, as `rayq validate --explain KEY` prints it."""
+    from rayq.config import type_name, unknown_key_hint
+    from rayq.schema import field_info
+
+    try:
+        info = field_info(key)
+    except KeyError:
+        raise UserError(f"--explain {key}: unknown config key{unknown_key_hint(key)}") from None
+    if dataclasses.is_dataclass(info.default):
+        fields = ", ".join(f.name for f in dataclasses.fields(info.default))
+        return f"{key}: section ({fields})\n  {info.doc}"
+    return f"{key}: {type_name(info.type)} = {json.dumps(info.default)}\n  " + info.doc.replace("\n", "\n  ")
+
+
 def validate(argv: Sequence[str]) -> int:
     parser = make_parser("rayq validate", "check a config (file, preset, --set overrides) without running it")
     add_config_args(parser)
     parser.add_argument("--json", action="store_true", help="print the resolved config as JSON")
+    parser.add_argument("--explain", metavar="KEY", action="append", default=[],
+                        help="print the type, default and meaning of a dotted config key (repeatable)")
     args = parse_args(parser, argv)
-    if isinstance(args, int):
-        return args
+    if args.explain:
+        print("\n".join(explain(key) for key in args.explain))
+        return 0
     from rayq.config import to_dict
 
     cfg = config_from_args(args)
     _check_local_sources(cfg.data.sources)
+    _run_section_checks(cfg)
     if args.json:
         print(json.dumps(to_dict(cfg)))
         return 0
@@ -255,7 +362,7 @@ def bench(argv: Sequence[str]) -> int:
         return 0
     target, rest = argv[0], argv[1:]
     if target not in BENCH_TARGETS:
-        raise UserError(f"bench {target}: unknown target{_closest(target, list(BENCH_TARGETS))} "
+        raise UserError(f"bench {target}: unknown target{did_you_mean(target, BENCH_TARGETS)} "
                         f"(choose from {', '.join(BENCH_TARGETS)})")
     module, _, func = BENCH_TARGETS[target].partition(":")
     try:

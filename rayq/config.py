@@ -9,9 +9,9 @@ section's `__post_init__`. Errors are `ConfigError` with the dotted path first.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -22,10 +22,16 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from rayq.errors import ConfigError, UserError
+from rayq.errors import ConfigError, UserError, did_you_mean
 from rayq.schema import Config
 
 PRESET_PACKAGE = "rayq.presets"
+CLUSTER_CONFIGS = ("rayq.cluster", "configs")  # package data of the cluster room: shipped cluster files
+# Limits of a config YAML: a config is a few KB; these stop a hostile or damaged file (a binary,
+# a 5000-deep nesting, a billion-laughs alias bomb) with one line, before it costs time or memory.
+MAX_YAML_BYTES = 4 * 1024 * 1024
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000  # scalars + collections after alias expansion
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 _BASE_KEY = "base"  # a preset or file may start from another preset: `base: tiny`
 
@@ -33,14 +39,14 @@ _BASE_KEY = "base"  # a preset or file may start from another preset: `base: tin
 # ----------------------------------------------------------------------------- typed building
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin is typing.Union:
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+        return " or ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
     if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in typing.get_args(tp))}]"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -59,13 +65,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, arg, path)
             except ConfigError:
                 pass
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{path}: expected {type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         if value in typing.get_args(tp):
             return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{path}: expected one of {_type_name(tp)}, got {value!r}{hint}")
+        hint = did_you_mean(value, typing.get_args(tp))
+        raise ConfigError(f"{path}: expected one of {type_name(tp)}, got {value!r}{hint}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
@@ -85,14 +90,16 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str) and _FLOAT.match(value.strip()):  # YAML 1.1 reads 1e-3 as a string
+            value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .inf, .nan, or 1e400 (which float() rounds to inf)
+                raise ConfigError(f"{path}: expected a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{path}: expected {type_name(tp)}, got {value!r}")
 
 
 def build(cls: type, data: Any, path: str = "") -> Any:
@@ -107,8 +114,8 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean {(path + '.' if path else '') + close[0]!r}?" if close else ""
+            in_config = cls is Config or cls is typing.get_type_hints(Config).get(path)
+            hint = unknown_key_hint(where) if in_config else did_you_mean(key, names, cutoff=0.5)
             raise ConfigError(f"{where}: unknown key{hint} (valid: {', '.join(names)})")
         kwargs[key] = _coerce(value, hints[key], where)
     try:
@@ -117,6 +124,32 @@ def build(cls: type, data: Any, path: str = "") -> Any:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"{path + '.' if path else ''}{exc}") from None
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config dataclass (`recipe.weight_decay`, `eval.task_paths`, ...)."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += config_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def unknown_key_hint(dotted: str) -> str:
+    """Did-you-mean for an unknown dotted key, across sections: a key that exists under the same
+    name in another section is named there (`train.steps` -> `recipe.steps`), else the closest key."""
+    section, _, leaf = dotted.rpartition(".")
+    if not section:
+        return did_you_mean(dotted, [f.name for f in dataclasses.fields(Config)])
+    if "." not in section:
+        elsewhere = [k for k in config_keys() if k.count(".") == 1 and k.endswith(f".{leaf}") and k != dotted]
+        if elsewhere:
+            return f"; did you mean {elsewhere[0]!r}?"
+    return did_you_mean(dotted, config_keys(), cutoff=0.5)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -170,13 +203,50 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
+class _GuardedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses nesting deeper than `MAX_YAML_DEPTH` (PyYAML composes recursively,
+    so a deep file would end in a RecursionError)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_size(data: Any, budget: int) -> int:
+    """Nodes of `data` with every alias expanded, counting stops once past `budget` (an alias bomb
+    is a small graph that expands to billions of nodes; walking it to the end would take minutes)."""
+    count, stack = 0, [data]
+    while stack and count <= budget:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
 def _read_yaml(text: str, where: str) -> dict:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_GuardedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"{where}:{line} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if _expanded_size(data, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise UserError(f"{where}: expands to more than {MAX_YAML_NODES:,} YAML nodes (aliases?); "
+                        "expected a config of at most a few thousand values")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -188,9 +258,8 @@ def preset_tree(name: str, _seen: tuple = ()) -> dict:
     """The raw nested dict of a preset, with its `base:` chain merged in."""
     names = list_presets()
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"--preset {name}: unknown preset{hint} (rayq ls presets: {', '.join(names)})")
+        raise UserError(f"--preset {name}: unknown preset{did_you_mean(name, names)} "
+                        f"(rayq ls presets: {', '.join(names)})")
     if name in _seen:
         raise UserError(f"preset {name}: circular base chain {' -> '.join(_seen + (name,))}")
     text = resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
@@ -202,7 +271,73 @@ def read_yaml_file(path: str | os.PathLike, what: str = "config") -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: {what} file not found")
-    return _read_yaml(p.read_text(), str(p))
+    return _read_yaml(_read_text(p), str(p))
+
+
+def _read_text(p: Path) -> str:
+    """The text of a YAML file, or a one-line UserError for a huge or binary one."""
+    size = p.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise UserError(f"{p}: {size:,} bytes; expected a YAML config file under {MAX_YAML_BYTES // 2**20} MB")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{p}: not a UTF-8 text file (byte {exc.start}); expected a YAML config") from None
+    if "\x00" in text:
+        raise UserError(f"{p}: holds NUL bytes; expected a YAML config, not a binary file")
+    return text
+
+
+def recipe_values(path: str | os.PathLike) -> dict:
+    """Dotted values from an exported recipe file (its `recipe:` section)."""
+    data = read_yaml_file(path, "recipe")
+    if not isinstance(data.get("recipe"), dict):
+        raise UserError(f"{path}: expected a 'recipe:' section (as written by rayq export)")
+    return {f"recipe.{k}": v for k, v in data["recipe"].items()}
+
+
+def shipped_cluster_files() -> dict[str, Any]:
+    """Name -> shipped cluster file (package data): `gcp-tpu` -> configs/gcp-tpu.rayq.yaml. A
+    launcher file without a `.rayq.yaml` sibling is listed under its own name."""
+    package, folder = CLUSTER_CONFIGS
+    root = resources.files(package).joinpath(folder)
+    files = sorted((p for p in root.iterdir() if p.name.endswith(".yaml")), key=lambda p: p.name)
+    out: dict[str, Any] = {}
+    for p in files:  # x.rayq.yaml sorts before x.yaml, so the rayq file wins the short name
+        short = p.name.removesuffix(".yaml").removesuffix(".rayq")
+        out.setdefault(short, p)
+    return out
+
+
+def find_cluster_file(name_or_path: str | os.PathLike) -> Any:
+    """A cluster file by path, or by the name of a shipped one (`gcp-tpu`). A path that does not
+    exist but names a shipped file (`cluster/configs/gcp-tpu.rayq.yaml` from another directory,
+    as exported launch commands spell it) resolves to the shipped file."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    shipped = shipped_cluster_files()
+    short = p.name.removesuffix(".yaml").removesuffix(".rayq")
+    if short in shipped and (p.parent == Path(".") or p.parent.name == "configs"):
+        return shipped[short]
+    raise UserError(f"--cluster {name_or_path}: no such file or shipped cluster{did_you_mean(short, shipped)} "
+                    f"(shipped: {', '.join(shipped)})")
+
+
+def cluster_values(name_or_path: str | os.PathLike) -> dict:
+    """Dotted values from a cluster file: a `cluster:` section (or `rayq:` block of a launcher file)."""
+    found = find_cluster_file(name_or_path)
+    if isinstance(found, Path):
+        data = read_yaml_file(found, "cluster")
+    else:
+        data = _read_yaml(found.read_text(), f"cluster {found.name}")
+    section = data.get("cluster")
+    if section is None and isinstance(data.get("rayq"), dict):  # Ray launcher files carry a rayq: block
+        section = data["rayq"].get("cluster")
+    if not isinstance(section, dict):
+        raise UserError(f"{name_or_path}: expected a 'cluster:' section (or rayq: {{cluster: ...}} in a launcher file)")
+    return {f"cluster.{k}": v for k, v in section.items()}
 
 
 def file_tree(path: str | os.PathLike) -> dict:

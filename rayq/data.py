@@ -46,8 +46,8 @@ import sentencepiece as spm
 import torch
 
 from rayq.config import atomic_write_text
-from rayq.corpus import Document, closest_name, load_documents
-from rayq.errors import UserError
+from rayq.corpus import Document, load_documents
+from rayq.errors import UserError, did_you_mean
 from rayq.schema import DataConfig
 
 __all__ = [
@@ -113,7 +113,7 @@ def _split_documents(data_cfg: DataConfig, docs: list[Document]) -> tuple[list[D
         seen.add(name)
     for name in data_cfg.heldout_documents:
         if name not in seen:
-            raise UserError(f"data.heldout_documents: no document named {name!r}{closest_name(name, names)}")
+            raise UserError(f"data.heldout_documents: no document named {name!r}{did_you_mean(name, names, cutoff=0.3)}")
     held = set(data_cfg.heldout_documents)
     train, heldout = [], []
     for doc in docs:

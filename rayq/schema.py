@@ -5,13 +5,20 @@ can check a whole file (including the `eval`, `cluster` and `search` sections ow
 above the core) without importing those rooms: arrows point one way, kernels <- rayq <- eval <-
 cluster <- search. The rooms read their section from here; the logic stays in the rooms.
 
-Every field has a comment saying what it means. `__post_init__` checks ranges and raises
-`ValueError("field: what was expected")`; `rayq.config` prefixes the section path.
+Every field has a docstring under it (torchtitan's style) saying what it means; `field_doc`
+reads them from this file's source, so `rayq validate --explain recipe.lr` prints them.
+`__post_init__` checks ranges and raises `ValueError("field: what was expected")`;
+`rayq.config` prefixes the section path.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import functools
+import inspect
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -20,51 +27,126 @@ PrecisionMode = Literal["auto", "native", "emulated"]
 Device = Literal["auto", "cpu", "cuda", "xla"]
 
 
+# Training state per parameter: fp32 weights, fp32 grads and AdamW's two fp32 moments.
+TRAIN_BYTES_PER_PARAM = 16
+# No cluster rayq targets holds more training state than this (the paper's 52B model needs
+# ~0.8 TB); a larger model is a typo (`model.d_model=1e9`), refused before anything allocates.
+MAX_TRAIN_STATE_BYTES = 2**50
+SEED_LIMIT = 2**32  # numpy and Optuna seeds are uint32
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
+
+
+def _bytes(n: float) -> str:
+    for scale, unit in ((2**80, "YiB"), (2**70, "ZiB"), (2**60, "EiB"), (2**50, "PiB"), (2**40, "TiB"), (2**30, "GiB")):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n / 2**20:.3g} MiB"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """GPT-style decoder (paper §3.2): pre-LayerNorm, GeLU MLP, untied embeddings."""
 
-    vocab_size: int = 4096  # SentencePiece vocabulary; the paper uses 51200
-    seq_len: int = 128  # context length (learned positional embeddings)
-    n_layer: int = 2  # transformer blocks
-    d_model: int = 64  # residual width
-    n_head: int = 4  # attention heads; must divide d_model
-    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
-    bias: bool = True  # biases in linears and LayerNorms
-    init_std: float = 0.02  # normal init of weights; residual projections scaled by 1/sqrt(2*n_layer)
+    vocab_size: int = 4096
+    """SentencePiece vocabulary; the paper uses 51200."""
+
+    seq_len: int = 128
+    """Context length (learned positional embeddings)."""
+
+    n_layer: int = 2
+    """Transformer blocks."""
+
+    d_model: int = 64
+    """Residual width."""
+
+    n_head: int = 4
+    """Attention heads; must divide d_model."""
+
+    mlp_ratio: int = 4
+    """MLP hidden width = mlp_ratio * d_model."""
+
+    bias: bool = True
+    """Biases in linears and LayerNorms."""
+
+    init_std: float = 0.02
+    """Normal init of weights; residual projections scaled by 1/sqrt(2*n_layer)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "n_layer", "d_model", "n_head", "mlp_ratio"):
             _check(getattr(self, name) >= 1, f"{name}: expected a positive integer, got {getattr(self, name)}")
         _check(self.d_model % self.n_head == 0, f"n_head: must divide d_model={self.d_model}, got {self.n_head}")
         _check(self.init_std > 0, f"init_std: expected > 0, got {self.init_std}")
+        state = self.num_parameters * TRAIN_BYTES_PER_PARAM
+        _check(state <= MAX_TRAIN_STATE_BYTES,
+               f"d_model/n_layer/vocab_size: {self.num_parameters:.3g} parameters need {_bytes(state)} for weights, "
+               f"grads and AdamW state ({TRAIN_BYTES_PER_PARAM} bytes/parameter); expected at most "
+               f"{_bytes(MAX_TRAIN_STATE_BYTES)}")
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of `rayq.model.GPT` for this config, counted without building it."""
+        d, hidden, b = self.d_model, self.mlp_ratio * self.d_model, int(self.bias)
+        layer_norm = d * (1 + b)
+        block = (2 * layer_norm + 3 * d * d + 3 * d * b + d * d + d * b  # LayerNorms, qkv, attention out
+                 + d * hidden + hidden * b + hidden * d + d * b)  # MLP in and out
+        return 2 * self.vocab_size * d + self.seq_len * d + self.n_layer * block + layer_norm
 
 
 @dataclass(frozen=True)
 class RecipeConfig:
     """The optimization choices the paper found to nurture (or prevent) PTQ sensitivity."""
 
-    weight_decay: float = 0.1  # AdamW decoupled weight decay, applied only to >=2-D weights
-    grad_clip: Optional[float] = 1.0  # max global grad norm, or null for no clipping
-    dropout: float = 0.0  # on attention and MLP outputs before the residual add; never on embeddings
-    precision: Precision = "bf16"  # half dtype of the compute; master weights are always fp32
-    precision_mode: PrecisionMode = "auto"  # native autocast, emulated rounding, or auto (emulated on CPU)
-    layernorm_fp32: bool = True  # run LayerNorm in fp32 even under half precision
-    lr: float = 3e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20  # linear warmup (paper: 1500)
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied only to >=2-D weights."""
+
+    grad_clip: Optional[float] = 1.0
+    """Max global grad norm, or null for no clipping."""
+
+    dropout: float = 0.0
+    """On attention and MLP outputs before the residual add; never on embeddings."""
+
+    precision: Precision = "bf16"
+    """Half dtype of the compute; master weights are always fp32."""
+
+    precision_mode: PrecisionMode = "auto"
+    """Native autocast, emulated rounding, or auto (emulated on CPU)."""
+
+    layernorm_fp32: bool = True
+    """Run LayerNorm in fp32 even under half precision."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio."""
+
+    warmup_steps: int = 20
+    """Linear warmup (paper: 1500)."""
+
     beta1: float = 0.9
+    """AdamW first-moment decay."""
+
     beta2: float = 0.95
+    """AdamW second-moment decay."""
+
     eps: float = 1e-8
-    batch_size: int = 16  # global batch in sequences (paper: 256)
-    steps: int = 200  # optimizer steps (paper: 75000)
-    init_loss_scale: float = 65536.0  # fp16 dynamic loss scale start
-    loss_scale_growth_interval: int = 2000  # steps without overflow before the scale doubles
+    """AdamW denominator epsilon."""
+
+    batch_size: int = 16
+    """Global batch in sequences (paper: 256)."""
+
+    steps: int = 200
+    """Optimizer steps (paper: 75000)."""
+
+    init_loss_scale: float = 65536.0
+    """Fp16 dynamic loss scale start."""
+
+    loss_scale_growth_interval: int = 2000
+    """Steps without overflow before the scale doubles."""
 
     def __post_init__(self) -> None:
         _check(self.weight_decay >= 0, f"weight_decay: expected >= 0, got {self.weight_decay}")
@@ -85,19 +167,35 @@ class RecipeConfig:
 class DataConfig:
     """Corpus -> SentencePiece -> Parquet token shards -> held-out split."""
 
-    sources: list[str] = field(default_factory=list)  # txt/jsonl/parquet globs or s3:// gs:// URIs; [] = embedded corpus
-    heldout_documents: list[str] = field(default_factory=lambda: ["austen/emma"])  # whole documents held out for eval
-    heldout_fraction: float = 0.0  # additionally hold out this fraction of the other documents' tokens (0 = none)
-    cache_dir: str = "~/.cache/rayq"  # where prepared data (tokenizer, shards) is cached by content hash
-    tokenizer: Literal["unigram", "bpe"] = "unigram"  # SentencePiece model type; vocab from model.vocab_size
-    tokenizer_train_chars: int = 8_000_000  # characters sampled to train the tokenizer
-    shard_tokens: int = 1_000_000  # tokens per Parquet shard
-    max_train_tokens: Optional[int] = None  # cap on training tokens (null = all)
-    # How Ray Train workers read the train split. `tokens`: every worker reads the Parquet shards
-    # with pyarrow and takes its rows of each global batch (exact: N workers x B == 1 worker x NB).
-    # `ray-data`: `ray.data.read_parquet` + `get_dataset_shard`, each worker streams only its shard
-    # (for corpora larger than a node's memory; batches then differ from a 1-worker run).
+    sources: list[str] = field(default_factory=list)
+    """Txt/jsonl/parquet globs or s3:// gs:// URIs; [] = embedded corpus."""
+
+    heldout_documents: list[str] = field(default_factory=lambda: ["austen/emma"])
+    """Whole documents held out for eval."""
+
+    heldout_fraction: float = 0.0
+    """Additionally hold out this fraction of the other documents' tokens (0 = none)."""
+
+    cache_dir: str = "~/.cache/rayq"
+    """Where prepared data (tokenizer, shards) is cached by content hash."""
+
+    tokenizer: Literal["unigram", "bpe"] = "unigram"
+    """SentencePiece model type; vocab from model.vocab_size."""
+
+    tokenizer_train_chars: int = 8_000_000
+    """Characters sampled to train the tokenizer."""
+
+    shard_tokens: int = 1_000_000
+    """Tokens per Parquet shard."""
+
+    max_train_tokens: Optional[int] = None
+    """Cap on training tokens (null = all)."""
+
     loader: Literal["tokens", "ray-data"] = "tokens"
+    """How Ray Train workers read the train split. `tokens`: every worker reads the Parquet shards
+    with pyarrow and takes its rows of each global batch (exact: N workers x B == 1 worker x NB).
+    `ray-data`: `ray.data.read_parquet` + `get_dataset_shard`, each worker streams only its shard
+    (for corpora larger than a node's memory; batches then differ from a 1-worker run)."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.heldout_fraction < 1, f"heldout_fraction: expected in [0, 1), got {self.heldout_fraction}")
@@ -111,14 +209,31 @@ class TrainConfig:
     """How the one train loop runs: seed, device, cadence of logs, evals and checkpoints."""
 
     seed: int = 0
-    device: Device = "auto"  # auto = cuda if available else cpu (xla is chosen by the cluster backend)
-    log_every: int = 10  # steps between train metric reports
-    eval_every: int = 100  # steps between eval hooks (and checkpoints); 0 = only at the end
-    checkpoint_every: int = 100  # steps between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2  # newest checkpoints kept in the run directory (0 = all)
-    eval_batches: int = 4  # held-out batches for the eval loss at each eval step
-    compile: bool = False  # torch.compile the model
-    threads: int = 0  # torch intra-op threads (0 = leave torch's default)
+    """Seed of initialization, data order and dropout; in [0, 2**32)."""
+
+    device: Device = "auto"
+    """Auto = cuda if available else cpu (xla is chosen by the cluster backend)."""
+
+    log_every: int = 10
+    """Steps between train metric reports."""
+
+    eval_every: int = 100
+    """Steps between eval hooks (and checkpoints); 0 = only at the end."""
+
+    checkpoint_every: int = 100
+    """Steps between checkpoints; 0 = only at the end."""
+
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept in the run directory (0 = all)."""
+
+    eval_batches: int = 4
+    """Held-out batches for the eval loss at each eval step."""
+
+    compile: bool = False
+    """Torch.compile the model."""
+
+    threads: int = 0
+    """Torch intra-op threads (0 = leave torch's default)."""
 
     def __post_init__(self) -> None:
         for name in ("log_every",):
@@ -126,22 +241,42 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "threads"):
             _check(getattr(self, name) >= 0, f"{name}: expected >= 0, got {getattr(self, name)}")
         _check(self.eval_batches >= 1, f"eval_batches: expected >= 1, got {self.eval_batches}")
+        _check(0 <= self.seed < SEED_LIMIT, f"seed: expected in [0, 2**32), got {self.seed}")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """What is measured at each eval step and by `rayq eval` (owned by rayq.eval)."""
 
-    tasks: list[str] = field(default_factory=lambda: ["heldout-lambada", "heldout-cloze"])  # task names (rayq ls tasks)
-    task_paths: dict[str, str] = field(default_factory=dict)  # task name -> local file of the released format
-    task_size: int = 200  # items per built-in task
-    schemes: list[str] = field(default_factory=lambda: ["w8a8-vectorwise"])  # quantization schemes (rayq ls quant)
-    kl_tokens: int = 16384  # held-out tokens for KL(FP||Q) and top-1 agreement
-    batch_size: int = 16  # sequences per scoring batch
-    bootstrap_samples: int = 1000  # paired bootstrap resamples for degradation CIs
-    confidence: float = 0.95  # CI level
-    diagnostics: bool = False  # also compute the paper's §5 diagnostics at each eval step
-    placement: Literal["worker", "task"] = "worker"  # evaluate in the train loop, or in a Ray task per checkpoint
+    tasks: list[str] = field(default_factory=lambda: ["heldout-lambada", "heldout-cloze"])
+    """Task names (rayq ls tasks)."""
+
+    task_paths: dict[str, str] = field(default_factory=dict)
+    """Task name -> local file of the released format."""
+
+    task_size: int = 200
+    """Items per built-in task."""
+
+    schemes: list[str] = field(default_factory=lambda: ["w8a8-vectorwise"])
+    """Quantization schemes (rayq ls quant)."""
+
+    kl_tokens: int = 16384
+    """Held-out tokens for KL(FP||Q) and top-1 agreement."""
+
+    batch_size: int = 16
+    """Sequences per scoring batch."""
+
+    bootstrap_samples: int = 1000
+    """Paired bootstrap resamples for degradation CIs."""
+
+    confidence: float = 0.95
+    """CI level."""
+
+    diagnostics: bool = False
+    """Also compute the paper's §5 diagnostics at each eval step."""
+
+    placement: Literal["worker", "task"] = "worker"
+    """Evaluate in the train loop (`worker`), or in a Ray task per checkpoint (`task`)."""
 
     def __post_init__(self) -> None:
         _check(self.task_size >= 1, f"task_size: expected >= 1, got {self.task_size}")
@@ -156,17 +291,40 @@ class ClusterConfig:
     """Where work runs (owned by rayq.cluster); maps to Ray Train's ScalingConfig/RunConfig."""
 
     device: Literal["cpu", "gpu", "tpu"] = "cpu"
-    workers: int = 0  # Ray Train workers; 0 = run the loop in-process without Ray
-    cpus_per_worker: float = 1.0  # fractional CPUs let several trials share a small machine
+    """Accelerator of the Ray Train workers."""
+
+    workers: int = 0
+    """Ray Train workers; 0 = run the loop in-process without Ray."""
+
+    cpus_per_worker: float = 1.0
+    """Fractional CPUs let several trials share a small machine."""
+
     gpus_per_worker: float = 0.0
-    resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra custom resources
-    evaluator_resources: dict[str, float] = field(default_factory=dict)  # for placement=actor
-    storage: Optional[str] = None  # local path, s3:// or gs:// (null = next to --out)
-    address: Optional[str] = None  # Ray address; null = embedded local Ray
+    """GPUs per Ray Train worker (> 0 when device is gpu)."""
+
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Extra custom resources."""
+
+    evaluator_resources: dict[str, float] = field(default_factory=dict)
+    """For placement=actor."""
+
+    storage: Optional[str] = None
+    """Local path, s3:// or gs:// (null = next to --out)."""
+
+    address: Optional[str] = None
+    """Ray address; null = embedded local Ray."""
+
     sharding: Literal["ddp", "fsdp"] = "ddp"
-    topology: Optional[str] = None  # TPU slice topology, e.g. "4x4"
-    accelerator_type: Optional[str] = None  # e.g. "TPU-V5E", "A100"
-    max_failures: int = 1  # Ray Train restarts from the last checkpoint after a worker dies
+    """Data parallelism: replicated (ddp) or fully sharded (fsdp) weights and optimizer state."""
+
+    topology: Optional[str] = None
+    """TPU slice topology, e.g. "4x4"."""
+
+    accelerator_type: Optional[str] = None
+    """E.g. "TPU-V5E", "A100"."""
+
+    max_failures: int = 1
+    """Ray Train restarts from the last checkpoint after a worker dies."""
 
     def __post_init__(self) -> None:
         _check(self.workers >= 0, f"workers: expected >= 0, got {self.workers}")
@@ -182,16 +340,37 @@ class SearchConfig:
     """The recipe search (owned by rayq.search)."""
 
     searcher: Literal["nsga2", "tpe", "gp", "grid", "random"] = "nsga2"
-    num_samples: int = 4  # recipes proposed (grid: ignored, the grid decides)
-    seeds_per_recipe: int = 1  # train each recipe with this many seeds; objectives are seed means
-    space: dict[str, Any] = field(default_factory=dict)  # dotted recipe path -> {choice|uniform|loguniform|grid: ...}
+    """Optuna sampler proposing recipes (grid: every point of the space)."""
+
+    num_samples: int = 4
+    """Recipes proposed (grid: ignored, the grid decides)."""
+
+    seeds_per_recipe: int = 1
+    """Train each recipe with this many seeds; objectives are seed means."""
+
+    space: dict[str, Any] = field(default_factory=dict)
+    """Dotted recipe path -> {choice|uniform|loguniform|grid: ...}."""
+
     objectives: list[str] = field(default_factory=lambda: ["fp/acc:max", "ptq/w8a8-vectorwise/kl:min"])
-    constraints: list[str] = field(default_factory=list)  # e.g. "ptq/w8a8-vectorwise/degradation_pct>=-1"
-    milestones: list[int] = field(default_factory=lambda: [15000])  # steps where recipes are compared
-    eta: float = 3.0  # keep the top 1/eta at each milestone
-    max_concurrent: int = 2  # trials at once
-    trial_cpus: float = 0.5  # CPUs for each trial's driver
-    seed: int = 0  # searcher seed
+    """Metrics to optimize, each 'metric:max' or 'metric:min' (seed means)."""
+
+    constraints: list[str] = field(default_factory=list)
+    """E.g. "ptq/w8a8-vectorwise/degradation_pct>=-1"."""
+
+    milestones: list[int] = field(default_factory=lambda: [15000])
+    """Steps where recipes are compared."""
+
+    eta: float = 3.0
+    """Keep the top 1/eta at each milestone."""
+
+    max_concurrent: int = 2
+    """Trials at once."""
+
+    trial_cpus: float = 0.5
+    """CPUs for each trial's driver."""
+
+    seed: int = 0
+    """Searcher seed."""
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, f"num_samples: expected >= 1, got {self.num_samples}")
@@ -202,6 +381,7 @@ class SearchConfig:
         _check(all(m >= 1 for m in self.milestones), "milestones: expected positive step numbers")
         _check(list(self.milestones) == sorted(set(self.milestones)), "milestones: expected strictly increasing steps")
         _check(len(self.objectives) >= 1, "objectives: expected at least one 'metric:max|min'")
+        _check(0 <= self.seed < SEED_LIMIT, f"seed: expected in [0, 2**32), got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -209,10 +389,73 @@ class Config:
     """A whole rayq config: what `resolve()` returns and what every run directory stores."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The GPT-style decoder."""
+
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    """The optimization choices under study."""
+
     data: DataConfig = field(default_factory=DataConfig)
+    """Corpus, tokenizer and splits."""
+
     train: TrainConfig = field(default_factory=TrainConfig)
+    """How the train loop runs."""
+
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """What is measured at eval steps and by rayq eval."""
+
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Where work runs."""
+
     search: SearchConfig = field(default_factory=SearchConfig)
-    name: str = "run"  # a label for the run or search
+    """The recipe search."""
+
+    name: str = "run"
+    """A label for the run or search."""
+
+
+# ----------------------------------------------------------------------------- field docs
+
+
+@functools.lru_cache(maxsize=None)
+def _docs_of(cls: type) -> dict[str, str]:
+    """Field name -> the docstring literal under it in the class body."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    key: str
+    type: Any
+    default: Any
+    doc: str
+
+
+def field_info(key: str, root: type | None = None) -> FieldInfo:
+    """Type, default and doc of a dotted config key (`recipe.weight_decay`); KeyError if unknown."""
+    import typing
+
+    cls: Any = root or Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise KeyError(key)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise KeyError(key)
+        f = fields[part]
+        tp = typing.get_type_hints(cls, sys.modules[cls.__module__].__dict__)[part]
+        if i == len(parts) - 1:
+            default: Any = f.default
+            if f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            return FieldInfo(key, tp, default, _docs_of(cls).get(part, ""))
+        cls = tp
+    raise KeyError(key)

@@ -22,29 +22,20 @@ def _front_table(front: list[dict], names: list[str]) -> str:
 
 
 def search(argv: Sequence[str]) -> int:
-    from rayq.cluster.commands import cluster_values
-    from rayq.commands import add_config_args, make_parser, parse_args
-    from rayq.config import resolve, with_values
+    from rayq.commands import add_config_args, config_from_args, make_parser, parse_args
 
     parser = make_parser("rayq search", "Multi-objective recipe search on Ray Tune: maximize FP accuracy, "
                          "minimize PTQ degradation; bad recipes stop early at milestones.")
     add_config_args(parser)
     parser.add_argument("--out", required=True, help="search directory (results.parquet, pareto.csv, ...)")
-    parser.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
-    parser.add_argument("--cluster", help="a cluster file with a cluster: section (cluster/configs/...)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     parser.add_argument("--export-top", type=int, default=1, help="export this many front recipes at the end")
     parser.add_argument("--json", action="store_true", help="print the front as JSON")
     args = parse_args(parser, argv)
-    if isinstance(args, int):
-        return args
     out = Path(args.out)
     if args.resume and args.preset is None and args.config is None and (out / "config.yaml").exists():
         args.config = str(out / "config.yaml")  # `rayq search --resume --out DIR` reuses the saved config
-    cfg = resolve(preset=args.preset, config_file=args.config, overrides=args.overrides,
-                  file_values=cluster_values(args.cluster) if args.cluster else None)
-    if args.address:
-        cfg = with_values(cfg, {"cluster.address": args.address})
+    cfg = config_from_args(args)
 
     from rayq.allocator import keep_pages
     from rayq.search.tuner import run_search
@@ -85,8 +76,6 @@ def export_(argv: Sequence[str]) -> int:
     parser.add_argument("--cluster", default="cluster/configs/gcp-tpu.rayq.yaml",
                         help="cluster file of the full-scale launch")
     args = parse_args(parser, argv)
-    if isinstance(args, int):
-        return args
     for path in export(args.search_dir, args.out, top=args.top, pick=args.pick, preset=args.preset,
                        cluster=args.cluster):
         print(path)
@@ -101,7 +90,5 @@ def report(argv: Sequence[str]) -> int:
     parser.add_argument("search_dir")
     parser.add_argument("--out", required=True, help="report directory")
     args = parse_args(parser, argv)
-    if isinstance(args, int):
-        return args
     print(write_report(args.search_dir, args.out))
     return 0

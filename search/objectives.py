@@ -13,7 +13,6 @@ scheme/task parts must be among them, and an unknown name gets the closest known
 
 from __future__ import annotations
 
-import difflib
 import enum
 import math
 import re
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from rayq import metrics
-from rayq.errors import UserError
+from rayq.errors import UserError, did_you_mean
 
 __all__ = [
     "Direction",
@@ -108,9 +107,7 @@ def validate_metric(
     if metrics.is_objective(name, tasks_l, schemes_l):
         return name
     candidates = known_metrics(tasks_l or ["<task>"], schemes_l or ["<scheme>"])
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.4)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise UserError(f"{where}: unknown metric {name!r}{hint}")
+    raise UserError(f"{where}: unknown metric {name!r}{did_you_mean(name, candidates, cutoff=0.4)}")
 
 
 # ----------------------------------------------------------------------------- objectives

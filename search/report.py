@@ -31,10 +31,11 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from rayq.config import atomic_write_bytes, atomic_write_text, config_hash
-from rayq.search import results as results_io
 from rayq.errors import UserError
+from rayq.search import results as results_io
 from rayq.search.export import CONFIG_PREFIX, SearchRun, _label, choose
-from rayq.search.objectives import Direction, Objective, as_float as _f
+from rayq.search.objectives import Direction, Objective
+from rayq.search.objectives import as_float as _f
 from rayq.search.pareto import ranks_of
 
 __all__ = ["write_report", "PLOTS", "SUMMARY"]

@@ -46,7 +46,8 @@ import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from rayq.config import atomic_write_text
-from rayq.search.objectives import Constraint, Objective, as_float as _f, parse_constraints
+from rayq.search.objectives import Constraint, Objective, parse_constraints
+from rayq.search.objectives import as_float as _f
 from rayq.search.pareto import TIE_BREAKS, _objectives, nondominated_ranks, priority_order
 
 __all__ = ["MilestoneScheduler", "Decision"]

@@ -20,7 +20,6 @@ them with `with_values`); `SearchSpace.grid()` the explicit list of points for `
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import math
 import re
@@ -28,7 +27,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from rayq.errors import ConfigError, UserError
+from rayq.errors import ConfigError, UserError, did_you_mean
 
 __all__ = [
     "Param",
@@ -186,9 +185,7 @@ def _parse_points(spec: Any, cfg: Any, known: list[str]) -> Param:
 
 def _known_path(path: str, known: list[str], where: str) -> None:
     if path not in known:
-        close = difflib.get_close_matches(path, known, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"{where}: unknown config path{hint}")
+        raise UserError(f"{where}: unknown config path{did_you_mean(path, known, cutoff=0.5)}")
 
 
 def _parse_param(path: str, spec: Any, cfg: Any, known: list[str]) -> Param:
@@ -201,9 +198,7 @@ def _parse_param(path: str, spec: Any, cfg: Any, known: list[str]) -> Param:
                         f"{{uniform|loguniform|randint: [lo, hi]}}, got {spec!r}")
     (kind, values), = spec.items()
     if kind not in KINDS:
-        close = difflib.get_close_matches(str(kind), KINDS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"{where}: unknown spec {kind!r}{hint} (valid: {', '.join(KINDS)})")
+        raise UserError(f"{where}: unknown spec {kind!r}{did_you_mean(kind, KINDS)} (valid: {', '.join(KINDS)})")
     if not isinstance(values, (list, tuple)):
         raise UserError(f"{where}: {kind} expects a list, got {values!r}")
     if kind in ("choice", "grid"):

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
 from eval_helpers import toy_text, train_spm
 
 

@@ -8,12 +8,9 @@ import torch
 
 from rayq.eval import degradation, kl_agreement, paired_bootstrap, token_batches, token_kl
 
-TABLE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "paper_table_a3.json"
-if not TABLE.exists():  # CI clones main with shared/ beside it; a dev checkout has it at /work/shared
-    TABLE = Path("/work/shared/reference/paper_table_a3.json")
+TABLE = Path(__file__).resolve().parents[1] / "fixtures" / "paper_table_a3.json"  # the paper's Table A.3
 
 
-@pytest.mark.skipif(not TABLE.exists(), reason="shared/reference/paper_table_a3.json not found")
 def test_table_a3_average_pct_diff_all_rows():
     table = json.loads(TABLE.read_text())
     assert len(table["rows"]) == 13

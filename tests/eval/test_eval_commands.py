@@ -4,13 +4,12 @@ and once through rayq.cli.main to check the exit code of bad input)."""
 import json
 
 import pytest
+from eval_helpers import FIXTURES
 
 from rayq import checkpoint
 from rayq.errors import UserError
 from rayq.eval.commands import analyze, eval_
 from rayq.schema import Config, EvalConfig, RecipeConfig
-
-from eval_helpers import FIXTURES
 
 SCHEMES = ["w8a8-vectorwise"]
 

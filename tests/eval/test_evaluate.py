@@ -113,10 +113,10 @@ def test_evaluate_metric_names_and_result_with_a_stand_in_quantizer(trained_gpt)
 
 
 def test_degradation_skips_tasks_with_zero_fp_score():
+    from eval_helpers import BigramLM, CharTokenizer
+
     from rayq.eval import MultipleChoice, Task
     from rayq.eval.tasks import MULTIPLE_CHOICE
-
-    from eval_helpers import BigramLM, CharTokenizer
 
     lose = Task("lose", MULTIPLE_CHOICE, "acc", (MultipleChoice(("a",) * 2, (" the", " zzq"), 1),), "t")
     win = Task("win", MULTIPLE_CHOICE, "acc", (MultipleChoice(("a",) * 2, (" the", " zzq"), 0),), "t")

@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 import pytest
+from eval_helpers import BigramLM, CharTokenizer, reference_ll
+from test_tasks import PATHS
 
 from rayq.eval import (
     LastWord,
@@ -18,9 +20,6 @@ from rayq.eval import (
     score_tokens,
 )
 from rayq.eval.tasks import LAST_WORD, MULTIPLE_CHOICE, PERPLEXITY
-
-from eval_helpers import BigramLM, CharTokenizer, reference_ll
-from test_tasks import PATHS
 
 TOK = CharTokenizer()
 

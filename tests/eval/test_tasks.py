@@ -1,11 +1,10 @@
 import json
 
 import pytest
+from eval_helpers import FIXTURES, toy_text
 
 from rayq.errors import UserError
 from rayq.eval import PAPER_TASKS, TASKS, LastWord, MultipleChoice, Passage, get_spec, load_task, load_tasks
-
-from eval_helpers import FIXTURES, toy_text
 
 PATHS = {
     "piqa": FIXTURES / "piqa" / "valid.jsonl",
@@ -151,3 +150,14 @@ def test_rayq_eval_never_imports_ray_and_ls_lists_tasks(capsys):
     assert ls(["tasks"]) == 0
     out = capsys.readouterr().out
     assert "heldout-cloze" in out and "paralex" in out
+
+
+def test_split_modules_keep_the_public_names_of_rayq_eval_tasks():
+    import rayq.eval.tasks as tasks
+    from rayq.eval import heldout_tasks, task_formats, task_items
+
+    for name in tasks.__all__:
+        assert hasattr(tasks, name), name
+    assert tasks.MultipleChoice is task_items.MultipleChoice and tasks.load_piqa is task_formats.load_piqa
+    assert tasks.build_heldout_cloze is heldout_tasks.build_heldout_cloze
+    assert {s.loader for s in tasks.TASKS.values() if s.loader} <= {getattr(task_formats, n) for n in task_formats.__all__}

@@ -6,7 +6,6 @@ from rayq import config as config_io
 from rayq.eval import make_eval_hook
 
 
-
 def test_hook_in_the_train_loop(tiny_setup, tmp_path):
     from rayq.train import LocalReporter, run
 

@@ -67,7 +67,69 @@ def test_validate_checks_local_sources_exist(capsys, tmp_path):
 def test_help_returns_zero(capsys):
     assert main(["validate", "--help"]) == 0
     assert main(["data", "prepare", "--help"]) == 0
-    assert "--set" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--set" in out and "--steps" in out and "--cluster" in out
+
+
+def test_parse_args_raises_after_help(capsys):
+    from rayq.errors import HelpShown
+
+    parser = commands.make_parser("rayq something")
+    commands.add_config_args(parser)
+    with pytest.raises(HelpShown):
+        commands.parse_args(parser, ["--help"])
+    assert "usage: rayq something" in capsys.readouterr().out
+
+
+def test_validate_runs_the_search_and_eval_checks(capsys):
+    err = one_line_error(capsys, "validate", "--preset", "tiny", "--set", "search.objectives=[nonsense/metric:max]")
+    assert "search.objectives" in err and "unknown metric 'nonsense/metric'" in err
+    err = one_line_error(capsys, "validate", "--preset", "tiny", "--set", "search.space={recipe.weight_decy: {choice: [0.1]}}")
+    assert "did you mean 'recipe.weight_decay'" in err
+    err = one_line_error(capsys, "validate", "--preset", "tiny", "--set", "eval.schemes=[w8a8-vectorwse]")
+    assert "did you mean 'w8a8-vectorwise'" in err
+    err = one_line_error(capsys, "validate", "--preset", "tiny", "--set", "eval.tasks=[hellaswg]")
+    assert "did you mean 'hellaswag'" in err
+    code, out, _ = run(capsys, "validate", "--preset", "demo")
+    assert code == 0 and out.startswith("ok: demo")
+
+
+def test_validate_explain(capsys):
+    code, out, err = run(capsys, "validate", "--explain", "recipe.weight_decay", "--explain", "recipe.grad_clip")
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == "recipe.weight_decay: float = 0.1"
+    assert "AdamW decoupled weight decay" in lines[1]
+    assert "recipe.grad_clip: float or null = 1.0" in out
+    code, out, _ = run(capsys, "validate", "--explain", "recipe")
+    assert code == 0 and out.startswith("recipe: section (weight_decay, grad_clip,")
+    assert "did you mean 'recipe.steps'" in one_line_error(capsys, "validate", "--explain", "train.steps")
+
+
+def test_shortcut_flags_and_files(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # shipped cluster files resolve by name from any directory
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("recipe: {weight_decay: 0.001, grad_clip: null}\n")
+    code, out, _ = run(capsys, "validate", "--preset", "6b", "--recipe", str(recipe), "--cluster", "gcp-tpu",
+                       "--set", "recipe.steps=3", "--steps", "7", "--workers", "2", "--address", "ray://h:10001",
+                       "--json")
+    assert code == 0, out
+    cfg = json.loads(out)
+    assert cfg["recipe"]["steps"] == 7  # the shortcut wins over --set
+    assert cfg["recipe"]["weight_decay"] == 0.001 and cfg["recipe"]["grad_clip"] is None
+    assert cfg["cluster"]["device"] == "tpu" and cfg["cluster"]["workers"] == 2
+    assert cfg["cluster"]["address"] == "ray://h:10001"
+    assert "did you mean 'gcp-tpu'" in one_line_error(capsys, "validate", "--preset", "6b", "--cluster", "gcp-tup")
+
+
+def test_yaml_attacks_are_one_line_errors(capsys, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    assert "not a UTF-8 text file" in one_line_error(capsys, "validate", "--config", str(f))
+    f.write_text("name: " + "[" * 5000 + "]" * 5000)
+    assert "nested deeper than" in one_line_error(capsys, "validate", "--config", str(f))
+    assert "parameters need" in one_line_error(capsys, "validate", "--preset", "tiny", "--set", "model.d_model=1000000000")
+    assert "finite" in one_line_error(capsys, "validate", "--preset", "tiny", "--set", "recipe.eps=1e400")
 
 
 # ----------------------------------------------------------------------------- ls
@@ -76,11 +138,15 @@ def test_help_returns_zero(capsys):
 def test_ls_presets(capsys):
     code, out, _ = run(capsys, "ls", "presets")
     assert code == 0
-    rows = dict(line.split(None, 1) for line in out.splitlines())
-    assert {"tiny", "small", "410m", "6b"} <= set(rows)
-    assert "CPU tests" in rows["tiny"]
-    code, out, _ = run(capsys, "ls", "presets", "--json")
-    assert {"name": "tiny", "description": rows["tiny"]} in json.loads(out)
+    names = [line.split()[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert {"tiny", "small", "410m", "6b"} <= set(names)
+    code, js, _ = run(capsys, "ls", "presets", "--json")
+    rows = {r["name"]: r["description"] for r in json.loads(js)}
+    assert set(rows) == set(names) and "CPU tests" in rows["tiny"]
+    # whole comment blocks, never cut mid-sentence (the demo's spans two lines of its YAML)
+    assert rows["demo"].endswith("Milestone scaled from the paper's 15k of 75k.")
+    assert all(d.endswith((".", ")", ":")) or not d for d in rows.values()), rows
+    assert " ".join(out.split()).count("Milestone scaled from the paper's 15k of 75k.") == 1
 
 
 def test_ls_unknown_topic(capsys):
@@ -159,3 +225,7 @@ def test_config_helpers_are_reusable():
     assert cfg.name == "tiny" and cfg.recipe.steps == 7 and args.out == "x"
     with pytest.raises(UserError, match="unrecognized arguments"):
         commands.parse_args(parser, ["--nope"])
+    args = commands.parse_args(parser, ["--preset", "tiny", "--steps", "9", "--workers", "1"])
+    cfg = commands.config_from_args(args, values={"cluster.workers": 0})
+    assert cfg.recipe.steps == 9 and cfg.cluster.workers == 0  # values win over every flag
+

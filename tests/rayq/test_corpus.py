@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayq import corpus
-from rayq.corpus import Document, read_sources
+from rayq.corpus import Document, embedded, read_sources
 from rayq.errors import UserError
 
 
@@ -113,7 +113,7 @@ def test_rds_reader_reads_a_named_list_of_character_vectors():
     names = i(0x402) + i(1) + chars("names") + i(16) + i(2) + chars("a") + chars("b") + i(254)
     body = i(0x213) + i(2) + i(16) + i(2) + chars("x") + i(9) + i(-1) + i(13) + i(1) + i(7) + names
     blob = b"X\n" + i(3) + i(0x40201) + i(0x30500) + i(5) + b"UTF-8" + body
-    assert corpus._RdsReader(zlib.decompress(zlib.compress(blob))).read() == {"a": ["x", None], "b": [7]}
+    assert embedded._RdsReader(zlib.decompress(zlib.compress(blob))).read() == {"a": ["x", None], "b": [7]}
 
 
 def test_lzw_decoder_on_a_known_stream():
@@ -122,7 +122,7 @@ def test_lzw_decoder_on_a_known_stream():
     import base64
 
     payload = base64.b64decode("VJ4IKfJEipMnVAIOLKiQoEGEIxoWPJhQoEOJD6kA")
-    assert corpus._lzw_decompress(payload) == b"TOBEORNOTTOBEORTOBEORNOT#TOBEORNOTTOBEORTOBEORNOT"
+    assert embedded._lzw_decompress(payload) == b"TOBEORNOTTOBEORTOBEORNOT#TOBEORNOTTOBEORTOBEORNOT"
 
 
 @pytest.mark.slow
@@ -147,3 +147,11 @@ def test_real_embedded_corpus(tmp_path):
     assert "Emma Woodhouse, handsome, clever, and rich" in by["austen/emma"]
     assert "<" not in "".join(by[n] for n in web)  # markup stripped, notes dropped
     assert corpus.embedded_documents(tmp_path) == docs  # cached copy
+
+
+def test_corpus_package_keeps_its_public_names():
+    from rayq.corpus import sources
+
+    for name in corpus.__all__:
+        assert hasattr(corpus, name), name
+    assert corpus.embedded_documents is embedded.embedded_documents and corpus.read_sources is sources.read_sources

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ def _probe(cwd: Path, path_entry: str | None = None) -> str:
     code = ("import importlib.util, sys\n"
             + (f"sys.path.insert(0, {path_entry!r})\n" if path_entry else "")
             + f"print([m for m in {ROOMS!r} if importlib.util.find_spec(m) is not None])\n"
-            + f"import rayq.kernels, rayq.eval, rayq.search, rayq.cluster\n"
+            + "import rayq.kernels, rayq.eval, rayq.search, rayq.cluster\n"
             + "print(rayq.kernels.__name__, rayq.eval.__name__)\n")
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True).stdout
 
@@ -29,24 +28,42 @@ def test_editable_install_has_no_top_level_rooms(tmp_path):
 @pytest.mark.slow
 def test_pip_install_dot_maps_the_rooms(tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT)], check=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--target", str(target), str(ROOT)], check=True, capture_output=True, text=True)
+    assert "warning" not in (done.stdout + done.stderr).lower(), done.stderr  # the packaging installs silently
     installed = sorted(p.name for p in target.iterdir() if not p.name.endswith((".dist-info", ".egg-info")))
     assert not set(ROOMS) & set(installed), installed
     for room in ROOMS:
         assert (target / "rayq" / room / "__init__.py").exists()
     assert (target / "rayq" / "presets" / "tiny.yaml").exists()
+    assert (target / "rayq" / "cluster" / "configs" / "gcp-tpu.rayq.yaml").exists()
     out = _probe(tmp_path, str(target))
     assert out.splitlines()[0] == "[]"
 
 
-def test_help_is_fast_and_lists_commands():
+def test_help_lists_commands_and_imports_neither_torch_nor_ray():
     rayq = Path(sys.executable).with_name("rayq")
-    t0 = time.perf_counter()
     out = subprocess.run([str(rayq), "--help"], capture_output=True, text=True, check=True).stdout
-    assert time.perf_counter() - t0 < 1.0
     for name in ("train", "search", "eval", "data", "ls", "validate", "bench", "export", "report"):
         assert f"  {name}" in out
-    code = "import sys, rayq.cli; rayq.cli.main(['--help']); print('torch' in sys.modules, 'ray' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split()[-2:] == \
-        ["False", "False"]
+    for argv in (["--help"], ["validate", "--help"], ["validate", "--explain", "recipe.lr"]):
+        code = (f"import sys, rayq.cli; rayq.cli.main({argv!r}); "
+                "print('torch' in sys.modules, 'ray' in sys.modules)")
+        last = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split()[-2:]
+        assert last == ["False", "False"], argv
+
+
+def _tracked_files() -> list[Path]:
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    return [ROOT / name for name in listed.decode().split("\0") if name]
+
+
+def test_repository_tracks_no_binaries_and_no_machine_paths():
+    machine = "/" + "work/"  # the development machine's checkout root, spelled so this file is clean
+    files = _tracked_files()
+    assert any(p.name == "pyproject.toml" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        assert b"\0" not in data, f"{path.relative_to(ROOT)} is binary"
+        assert machine.encode() not in data, f"{path.relative_to(ROOT)} names a machine path"
+        assert path.suffix != ".whl"
