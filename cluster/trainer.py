@@ -21,7 +21,6 @@ from typing import Any, Optional
 
 import numpy as np
 import ray
-import ray.data
 import ray.train
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
@@ -129,6 +128,8 @@ def build_trainer(cfg: Config, *, storage: str, name: str = CHECKPOINTS, evaluat
     backends.check_run(cfg)  # bad plans stop here, before any worker starts
     datasets = None
     if cfg.data.loader == "ray-data":
+        import ray.data  # seconds to import, and only this loader reads through Ray Data
+
         files = data_io.reuse_or_prepare(data_dir, cfg.data, cfg.model.vocab_size).train_files()
         datasets = {"train": ray.data.read_parquet(files).select_columns(["tokens"])}
     return TorchTrainer(

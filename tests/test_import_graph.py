@@ -137,7 +137,7 @@ def test_ray_stays_in_cluster_and_search():
     assert wrong == []
 
 
-@pytest.mark.xfail(strict=False, reason="kernels/bench.py still imports the core (the kernels helper moves it to eval/)")
+@pytest.mark.xfail(strict=False, reason="kernels/bench.py imports the core until its model timing moves to eval/")
 def test_kernels_import_torch_only():
     """The bottom room: torch and the standard library, nothing of rayq's above it."""
     allowed = set(sys.stdlib_module_names) | {"torch", "__future__"}
