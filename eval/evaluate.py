@@ -29,7 +29,7 @@ from rayq.errors import UserError
 from rayq.eval.degradation import Interval, KLStats, kl_agreement, paired_bootstrap, token_batches
 from rayq.eval.diagnostics import Diagnostics, analyze
 from rayq.eval.scoring import Progress, TaskScores, as_tokenizer, encode_task, model_max_len, score_task
-from rayq.eval.tasks import PERPLEXITY, LastWord, MultipleChoice, Task, load_tasks
+from rayq.eval.tasks import PERPLEXITY, LastWord, MultipleChoice, Task, get_spec, load_tasks
 from rayq.kernels import quantize_, scheme_from_name
 from rayq.kernels.schemes import SchemeError, scheme_class
 from rayq.schema import Config, EvalConfig
@@ -39,6 +39,14 @@ Quantizer = Callable[[nn.Module, str], nn.Module]  # (FP model, scheme name) -> 
 
 
 # ============================================================================ quantization
+
+
+def check_config(cfg: Config) -> None:
+    """What `rayq validate` checks of the eval section: schemes through the kernels registry, task
+    names through the task registry (both fail as one-line user errors)."""
+    check_schemes(list(cfg.eval.schemes))
+    for name in cfg.eval.tasks:
+        get_spec(name)
 
 
 def check_schemes(names: Sequence[str]) -> None:

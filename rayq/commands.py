@@ -266,34 +266,9 @@ def _summary_lines(cfg) -> list[str]:
 # cli's registry pattern): each takes the whole Config and raises UserError. `rayq validate` runs
 # them so it refuses what `rayq search`/`rayq eval` would refuse; `rayq --help` imports none.
 SECTION_CHECKS: dict[str, str] = {
-    "eval": "rayq.commands:_check_eval",
-    "search": "rayq.commands:_check_search",
+    "eval": "rayq.eval.evaluate:check_config",
+    "search": "rayq.search.space:check_config",
 }
-
-
-def _check_search(cfg) -> None:
-    """A config with a search space gets every check `rayq search` makes before Ray starts; one
-    without (a train config) still gets its objectives and constraints checked."""
-    if cfg.search.space:
-        from rayq.search.space import validate_search
-
-        validate_search(cfg)
-        return
-    from rayq.search.objectives import parse_constraints, parse_objectives
-
-    tasks, schemes = list(cfg.eval.tasks), list(cfg.eval.schemes)
-    parse_objectives(list(cfg.search.objectives), tasks, schemes)
-    parse_constraints(list(cfg.search.constraints), tasks, schemes)
-
-
-def _check_eval(cfg) -> None:
-    """eval.schemes through the kernels registry, eval.tasks through the task registry."""
-    from rayq.eval.evaluate import check_schemes
-    from rayq.eval.tasks import get_spec
-
-    check_schemes(list(cfg.eval.schemes))
-    for name in cfg.eval.tasks:
-        get_spec(name)
 
 
 def _run_section_checks(cfg) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from rayq.errors import ConfigError, UserError, did_you_mean
+from rayq.search.objectives import parse_constraints, parse_objectives
 
 __all__ = [
     "Param",
@@ -366,8 +367,6 @@ class ValidatedSearch:
 def validate_search(cfg: Any) -> ValidatedSearch:
     """Everything `rayq search` checks before Ray starts: objectives and constraints against the
     config's eval tasks and schemes, the space against the config, milestones against the steps."""
-    from rayq.search.objectives import parse_constraints, parse_objectives
-
     tasks, schemes = list(cfg.eval.tasks), list(cfg.eval.schemes)
     objectives = parse_objectives(list(cfg.search.objectives), tasks, schemes)
     constraints = parse_constraints(list(cfg.search.constraints), tasks, schemes)
@@ -376,3 +375,14 @@ def validate_search(cfg: Any) -> ValidatedSearch:
         space.grid(cfg)
     validate_milestones(cfg, space)
     return ValidatedSearch(objectives, constraints, space)
+
+
+def check_config(cfg: Any) -> None:
+    """What `rayq validate` checks of the search section: with a search space, every check `rayq
+    search` makes before Ray starts; without one (a train config), its objectives and constraints."""
+    if cfg.search.space:
+        validate_search(cfg)
+        return
+    tasks, schemes = list(cfg.eval.tasks), list(cfg.eval.schemes)
+    parse_objectives(list(cfg.search.objectives), tasks, schemes)
+    parse_constraints(list(cfg.search.constraints), tasks, schemes)
