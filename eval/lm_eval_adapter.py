@@ -5,18 +5,52 @@
     lm = from_checkpoint("runs/demo", scheme="w8a8-vectorwise", tokenizer="tok.model")
     lm_eval.simple_evaluate(model=lm, tasks=["piqa"])
 
-lm-eval is imported on first use only (this module is not imported by `rayq.eval`), so rayq works
-without it. The class is built lazily and registered with lm-eval as model "rayq", so
-`simple_evaluate(model="rayq", model_args="checkpoint=...,scheme=...")` works once this module has
-been imported. Scoring goes through `rayq.eval.scoring` — the same tokenization and batching as
-`rayq eval`, so both report the same numbers for the same items.
+Importing this module registers the model name "rayq" with lm-eval (as a lazy "module:attr"
+placeholder, so lm-eval itself is imported only when a model is built), after which
+`simple_evaluate(model="rayq", model_args="pretrained=RUN,scheme=w8a8-vectorwise")` works;
+`rayq lm-eval ...` (`rayq.eval.lm_eval_cli`) does that import before handing argv to lm-eval's
+own CLI. rayq works without lm-eval: `rayq.eval` does not import this module. Scoring goes through
+`rayq.eval.scoring` — the same tokenization and batching as `rayq eval`, so both report the same
+numbers for the same items.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
+TOKENIZER_FILE = "tokenizer.model"
+
 _CLASS: dict[str, type] = {}
+MODEL_NAME = "rayq"
+# lm-eval's batch_size=auto probes the largest batch that fits a GPU; rayq's models are small and
+# scoring batches are padded to the longest item, so a fixed moderate batch is what "auto" means here.
+AUTO_BATCH_SIZE = 32
+
+
+def _batch_size(value: Any) -> int:
+    text = str(value).strip().lower()
+    if text.startswith("auto"):  # lm-eval also passes "auto:N" (N re-probes)
+        return AUTO_BATCH_SIZE
+    try:
+        size = int(text)
+    except ValueError:
+        raise ValueError(f"batch_size: expected a positive integer or 'auto', got {value!r}") from None
+    if size < 1:
+        raise ValueError(f"batch_size: expected a positive integer or 'auto', got {value!r}")
+    return size
+
+
+def _device(requested: Optional[str]) -> str:
+    """The device to serve on: as requested, but CPU when CUDA is asked for (or implied) and absent."""
+    import torch
+
+    wants_cuda = requested is None or str(requested).startswith("cuda")
+    if not wants_cuda:
+        return str(requested)
+    if not torch.cuda.is_available():
+        return "cpu"
+    return str(requested or "cuda")
 
 
 def _build_class() -> type:
@@ -38,19 +72,25 @@ def _build_class() -> type:
         """An lm-eval `LM` over a rayq model: log-likelihoods, rolling log-likelihoods, greedy generation."""
 
         def __init__(self, model: Any = None, tokenizer: Any = None, *, checkpoint: Optional[str] = None,
-                     scheme: Optional[str] = None, batch_size: int = 16, policy: Any = None, backend: str = "auto",
+                     pretrained: Optional[str] = None, scheme: Optional[str] = None, batch_size: Any = 16,
+                     max_batch_size: Any = None, policy: Any = None, backend: str = "auto",
                      max_gen_toks: int = 64, device: Optional[str] = None):
             super().__init__()
+            if checkpoint is not None and pretrained is not None and str(checkpoint) != str(pretrained):
+                raise ValueError("give the checkpoint once: checkpoint= or pretrained=, not both")
+            checkpoint = checkpoint if checkpoint is not None else pretrained
             if checkpoint is not None:
-                model, loaded_tok, policy = _load_checkpoint(checkpoint, tokenizer, device)
+                model, loaded_tok, policy = _load_checkpoint(str(checkpoint), tokenizer, _device(device))
                 tokenizer = loaded_tok
             if model is None or tokenizer is None:
                 raise ValueError("RayqLM needs a model and a tokenizer, or checkpoint=PATH")
-            if scheme:
-                model = default_quantizer(backend=backend)(model, scheme)
+            if scheme and str(scheme).lower() not in ("fp", "none"):
+                model = default_quantizer(backend=backend)(model, str(scheme))
+            else:
+                scheme = None
             self.model = model.eval()
             self.tok = as_tokenizer(tokenizer)
-            self.batch_size = int(batch_size)
+            self.batch_size = _batch_size(batch_size)
             self.policy = policy
             self.max_gen_toks = int(max_gen_toks)
             self.scheme = scheme
@@ -103,12 +143,6 @@ def _build_class() -> type:
                 out.append(text)
             return out
 
-    try:
-        from lm_eval.api.registry import register_model
-
-        RayqLM = register_model("rayq")(RayqLM)
-    except Exception:  # noqa: BLE001 - registration is a convenience; the class works without it
-        pass
     _CLASS["RayqLM"] = RayqLM
     return RayqLM
 
@@ -122,6 +156,9 @@ def _load_checkpoint(path: str, tokenizer: Any, device: Optional[str]):
 
     loaded = ckpt_io.load_model(path, device or "auto")
     cfg = loaded.config
+    carried = Path(loaded.path).parent.parent / TOKENIZER_FILE  # a run dir carries its tokenizer
+    if tokenizer is None and carried.is_file():
+        tokenizer = str(carried)
     if tokenizer is None:
         tokenizer = data_io.prepare(cfg.data, cfg.model.vocab_size).tokenizer()
     elif isinstance(tokenizer, str):
@@ -143,3 +180,21 @@ def __getattr__(name: str):
     if name == "RayqLM":
         return _build_class()
     raise AttributeError(name)
+
+
+def register() -> bool:
+    """Register "rayq" with lm-eval's model registry (lazily: the class is built on first use).
+
+    Returns False when lm-eval is not installed. Idempotent, so importing this module twice or
+    calling it from `rayq lm-eval` after the import does not trip lm-eval's duplicate check."""
+    try:
+        import lm_eval.models  # noqa: F401 - its built-in names first: lm-eval loads them only into an empty registry
+        from lm_eval.api.registry import model_registry
+    except ImportError:
+        return False
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME, target=f"{__name__}:RayqLM")
+    return True
+
+
+register()

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("rayq.search.commands:search", "multi-objective recipe search on Ray Tune (FP accuracy vs PTQ degradation)"),
     "train": ("rayq.cluster.commands:train", "train a recipe: in-process, or on Ray Train workers (--workers N)"),
     "eval": ("rayq.eval.commands:eval_", "score a checkpoint: FP vs INT8 schemes, degradation with CI, KL"),
+    "lm-eval": ("rayq.eval.lm_eval_cli:lm_eval", "lm-evaluation-harness's CLI with rayq checkpoints as --model rayq"),
     "analyze": ("rayq.eval.commands:analyze", "weight/activation diagnostics of a checkpoint (JSON + PNG plots)"),
     "export": ("rayq.search.commands:export_", "write the best recipes of a search as launchable recipe files"),
     "report": ("rayq.search.commands:report", "plots and a summary of a search"),

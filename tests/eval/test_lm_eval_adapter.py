@@ -1,5 +1,6 @@
 """The lm-eval adapter on a local JSON task, offline (skipped without the lm-eval extra)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -95,3 +96,91 @@ def test_from_checkpoint_serves_a_checkpoint(offline_lm_eval, trained_gpt, tmp_p
     req = Instance("loglikelihood", {}, ("Tom says thank you to", " Ann"), 0)
     ((ll, greedy),) = lm.loglikelihood([req])
     assert ll < 0 and isinstance(greedy, bool)
+
+
+ROLLING_YAML = """task: rayq_toy_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files: {data}
+output_type: loglikelihood_rolling
+test_split: train
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
+
+def _checkpoint_run(trained_gpt, tmp_path):
+    """A run directory as `rayq train` leaves it: checkpoints/step_1 plus the tokenizer it carries."""
+    from rayq import checkpoint
+    from rayq.schema import Config
+
+    run = tmp_path / "run"
+    checkpoint.write(run / "checkpoints" / "step_1", model_state=trained_gpt.model.state_dict(), optim_state=None,
+                     trainer_state={"step": 1}, cfg=Config(model=trained_gpt.cfg))
+    (run / "tokenizer.model").write_bytes(trained_gpt.proto)
+    return run
+
+
+def test_cli_route_runs_fp_and_w8a8_on_local_tasks(offline_lm_eval, trained_gpt, tmp_path, monkeypatch):
+    """`rayq lm-eval` = lm-eval's own CLI: local YAML tasks (multiple choice + rolling), FP and W8A8 in
+    separate result folders named after the checkpoint, the numbers equal to rayq's own scoring."""
+    from rayq.cli import main
+
+    task, tasks_dir = _toy_task(trained_gpt, tmp_path)
+    rolling = tmp_path / "toy_rolling.jsonl"
+    rolling.write_text("".join(json.dumps({"text": t}) + "\n" for t in trained_gpt.heldout["toy/heldout"].split("\n\n")[:4] if t))
+    (tasks_dir / "rayq_toy_rolling.yaml").write_text(ROLLING_YAML.format(data=rolling))
+    run = _checkpoint_run(trained_gpt, tmp_path)
+    monkeypatch.chdir(tmp_path)  # the results folder is named after the checkpoint path as given
+    out = tmp_path / "results"
+    rc = main(["lm-eval", "--schemes", "fp,w8a8-vectorwise", "--model_args", "checkpoint=run", "--batch_size", "auto",
+               "--tasks", "rayq_toy_cloze,rayq_toy_rolling", "--include_path", str(tasks_dir),
+               "--output_path", str(out), "--limit", "12", "--log_samples"])
+    assert rc == 0
+    results = {}
+    for scheme in ("fp", "w8a8-vectorwise"):
+        files = list((out / scheme / "run").glob("results_*.json"))
+        assert len(files) == 1, f"{scheme}: {list((out / scheme).rglob('*'))}"
+        results[scheme] = json.loads(files[0].read_text())["results"]
+        assert list((out / scheme / "run").glob("samples_rayq_toy_cloze_*.jsonl"))  # --log_samples honoured
+    first12 = dataclasses.replace(task, items=task.items[:12])  # --limit 12: lm-eval scores the first 12
+    ours = evaluate(trained_gpt.model, [first12], tokenizer=trained_gpt.sp).fp["heldout-cloze"].metrics["acc"]
+    assert results["fp"]["rayq_toy_cloze"]["acc,none"] == pytest.approx(ours)
+    for scheme, res in results.items():
+        assert 0.0 <= res["rayq_toy_cloze"]["acc,none"] <= 1.0
+        assert res["rayq_toy_rolling"]["word_perplexity,none"] > 1.0
+    fp_ppl = results["fp"]["rayq_toy_rolling"]["word_perplexity,none"]
+    q_ppl = results["w8a8-vectorwise"]["rayq_toy_rolling"]["word_perplexity,none"]
+    assert q_ppl != fp_ppl and abs(q_ppl / fp_ppl - 1) < 0.05  # quantized for real, and only slightly worse
+
+
+def test_import_registers_the_model_for_lm_eval(offline_lm_eval, trained_gpt, tmp_path):
+    """After `import rayq.eval.lm_eval_adapter`, lm-eval finds "rayq" by name (pretrained= and checkpoint= alike)."""
+    import rayq.eval.lm_eval_adapter  # noqa: F401
+    from lm_eval.api.registry import get_model
+
+    run = _checkpoint_run(trained_gpt, tmp_path)
+    cls = get_model("rayq")
+    for key in ("pretrained", "checkpoint"):
+        lm = cls.create_from_arg_string(f"{key}={run}", {"batch_size": "auto", "device": None})
+        assert lm.batch_size >= 1 and lm.scheme is None
+        assert str(next(lm.model.parameters()).device) == "cpu"  # no CUDA here: CPU, not an error
+    assert get_model("hf")  # lm-eval's own models still resolve
+
+
+def test_lm_eval_argv_rewrites_only_what_rayq_adds():
+    from rayq.eval.lm_eval_cli import lm_eval_argv
+
+    assert lm_eval_argv(["--tasks", "piqa", "-a", "checkpoint=runs/x,scheme=w4-colwise"]) == [
+        ["run", "--model", "rayq", "--tasks", "piqa", "-a", "pretrained=runs/x,scheme=w4-colwise"]]
+    runs = lm_eval_argv(["run", "--schemes", "fp,w8a8-tensor", "--model_args", '{"checkpoint": "r"}', "-o", "out"])
+    assert runs == [["run", "--model", "rayq", "--model_args", '{"pretrained": "r"}', "-o", "out/fp", "--model_args", "scheme=fp"],
+                    ["run", "--model", "rayq", "--model_args", '{"pretrained": "r"}', "-o", "out/w8a8-tensor",
+                     "--model_args", "scheme=w8a8-tensor"]]
+    assert lm_eval_argv(["ls", "tasks"]) == [["ls", "tasks"]]
+    assert lm_eval_argv(["--model", "hf", "--tasks", "x"])[0][:3] == ["run", "--model", "hf"]
