@@ -135,7 +135,7 @@ def test_cli_route_runs_fp_and_w8a8_on_local_tasks(offline_lm_eval, trained_gpt,
     rolling = tmp_path / "toy_rolling.jsonl"
     rolling.write_text("".join(json.dumps({"text": t}) + "\n" for t in trained_gpt.heldout["toy/heldout"].split("\n\n")[:4] if t))
     (tasks_dir / "rayq_toy_rolling.yaml").write_text(ROLLING_YAML.format(data=rolling))
-    run = _checkpoint_run(trained_gpt, tmp_path)
+    _checkpoint_run(trained_gpt, tmp_path)
     monkeypatch.chdir(tmp_path)  # the results folder is named after the checkpoint path as given
     out = tmp_path / "results"
     rc = main(["lm-eval", "--schemes", "fp,w8a8-vectorwise", "--model_args", "checkpoint=run", "--batch_size", "auto",
@@ -161,8 +161,9 @@ def test_cli_route_runs_fp_and_w8a8_on_local_tasks(offline_lm_eval, trained_gpt,
 
 def test_import_registers_the_model_for_lm_eval(offline_lm_eval, trained_gpt, tmp_path):
     """After `import rayq.eval.lm_eval_adapter`, lm-eval finds "rayq" by name (pretrained= and checkpoint= alike)."""
-    import rayq.eval.lm_eval_adapter  # noqa: F401
     from lm_eval.api.registry import get_model
+
+    import rayq.eval.lm_eval_adapter  # noqa: F401
 
     run = _checkpoint_run(trained_gpt, tmp_path)
     cls = get_model("rayq")
