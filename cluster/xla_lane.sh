@@ -23,12 +23,13 @@ XLA_VERSION=2.9.0
 
 log() { printf 'xla-lane: %s\n' "$*" >&2; }
 
-# The project's runtime deps (from pyproject.toml) minus torch, plus the test extra.
+# The project's runtime deps (from pyproject.toml) minus torch, plus pytest.
 DEPS=$("$PY" - "$ROOT/pyproject.toml" <<'EOF'
 import re, sys, tomllib
 p = tomllib.load(open(sys.argv[1], "rb"))["project"]
 deps = [d for d in p["dependencies"] if re.split(r"[\s<>=!~\[;]", d, maxsplit=1)[0].lower() != "torch"]
-deps += p.get("optional-dependencies", {}).get("test", [])
+# only the test runner from the test extra: lm-eval is tested in the main venv, not on XLA
+deps += [d for d in p.get("optional-dependencies", {}).get("test", []) if d.lower().startswith("pytest")]
 print("\n".join(deps))
 EOF
 )
