@@ -76,7 +76,11 @@ def _load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise UserError(f"{path}: corrupted or truncated checkpoint file ({type(exc).__name__})") from None
+        from rayq.safe_dcp import refusal
+
+        why = refusal(exc)
+        raise UserError(f"{path}: refused: {why}" if why
+                        else f"{path}: corrupted or truncated checkpoint file ({type(exc).__name__})") from None
 
 
 def load(directory: str | os.PathLike, *, with_optimizer: bool = True) -> dict:
@@ -91,6 +95,8 @@ def load(directory: str | os.PathLike, *, with_optimizer: bool = True) -> dict:
 
         try:
             out = sharding.load_full_state_dict(d, with_optimizer=with_optimizer)
+        except UserError:  # a refused or damaged file, already named in one line
+            raise
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - many types for missing or damaged shards
             detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{d}: corrupted or incomplete sharded checkpoint ({detail})") from None

@@ -50,6 +50,7 @@ import torch.nn as nn
 from rayq import checkpoint as ckpt_io
 from rayq.parallel import Replicated
 from rayq.precision import PrecisionPolicy
+from rayq.safe_dcp import SafeFileSystemReader
 from rayq.schema import Config
 
 def mixed_precision(cfg: Config, device_type: str):
@@ -125,7 +126,7 @@ class FSDP(Replicated):
         d = Path(directory)
         if ckpt_io.is_sharded(d):
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-            dcp.load(state, checkpoint_id=str(d))
+            dcp.load(state, storage_reader=SafeFileSystemReader(d))
             set_model_state_dict(model, state["model"])
             set_optimizer_state_dict(model, optimizer, state["optim"])
             return ckpt_io.load_trainer(d)
@@ -174,13 +175,12 @@ def optim_fqns_to_ids(state: dict) -> dict:
 def load_full_state_dict(directory: str | os.PathLike, *, with_optimizer: bool = False) -> dict:
     """A sharded checkpoint as full, unsharded tensors, without a process group:
     {"model": state dict, "optim": plain optimizer state dict or None}."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     keys = {"model", "optim"} if with_optimizer else {"model"}
     state: dict = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(str(directory)),
+    _load_state_dict(state, storage_reader=SafeFileSystemReader(directory),
                      planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
     optim = state.get("optim")
     return {"model": state["model"], "optim": optim_fqns_to_ids(optim) if optim else None}

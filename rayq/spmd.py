@@ -158,6 +158,7 @@ class SPMD(Replicated):
 
     def load(self, directory, model, optimizer) -> dict:
         from rayq import sharding
+        from rayq.safe_dcp import SafeFileSystemReader
 
         d = Path(directory)
         if not ckpt_io.is_sharded(d):  # a full checkpoint (local or DDP run): copied into the shards
@@ -167,7 +168,7 @@ class SPMD(Replicated):
 
         prime_optimizer(optimizer)  # DCP loads in place: the AdamW state must exist (and be sharded) first
         state = self._state(model, optimizer)
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(d)), planner=SPMDLoadPlanner())
+        dcp.load(state, storage_reader=SafeFileSystemReader(d), planner=SPMDLoadPlanner())
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(sharding.optim_fqns_to_ids(state["optim"]))
         return ckpt_io.load_trainer(d)
