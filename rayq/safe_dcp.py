@@ -23,11 +23,15 @@ import os
 import pickle
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    StorageMeta,
+)
 
 from rayq.errors import UserError
 
@@ -88,7 +92,7 @@ def load_metadata(path: str | os.PathLike) -> Metadata:
     return metadata
 
 
-def refusal(exc: BaseException) -> Optional[str]:
+def refusal(exc: BaseException) -> str | None:
     """Why `torch.load(weights_only=True)` refused a file, in a few words ("not a tensor file (it
     names posix.system)"), or None when `exc` is damage rather than a refusal."""
     text = str(exc)
