@@ -169,7 +169,8 @@ class SafeFileSystemReader(FileSystemReader):
                     fh.seek(info.offset)
                     data = fh.read(info.length)
             except OSError as exc:
-                raise UserError(f"{shard}: unreadable shard of a sharded checkpoint ({exc.strerror})") from None
+                raise UserError(f"{directory}: corrupted or incomplete sharded checkpoint "
+                                f"({rel.name}: {exc.strerror})") from None
             _weights_only(io.BytesIO(data), f"{shard}: item {index.fqn}")
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
