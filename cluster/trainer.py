@@ -24,14 +24,16 @@ from rayq.schema import Config
 CHECKPOINTS = "checkpoints"  # Ray Train run name: checkpoints land in <storage>/checkpoints/step_N
 
 
-def connect(address: Optional[str], *, num_cpus: Optional[float] = None, quiet: bool = True) -> None:
-    """Join a cluster at `address`, or start an embedded local Ray (the laptop default)."""
+def connect(address: Optional[str], *, num_cpus: Optional[float] = None, quiet: bool = True,
+            **ray_init_options: Any) -> None:
+    """Join a cluster at `address`, or start an embedded local Ray (the laptop default) that
+    listens on loopback only. `ray_init_options` go to `ray.init` (e.g. logging_level)."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    kwargs: dict[str, Any] = {"log_to_driver": not quiet, "include_dashboard": False}
+    kwargs: dict[str, Any] = {"log_to_driver": not quiet, "include_dashboard": False, **ray_init_options}
     if address:
         ray.init(address=address, **kwargs)
         return
