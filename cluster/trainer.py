@@ -37,19 +37,42 @@ from rayq.schema import Config
 CHECKPOINTS = "checkpoints"  # Ray Train run name: checkpoints land in <storage>/checkpoints/step_N
 
 
-def connect(address: Optional[str], *, num_cpus: Optional[float] = None, quiet: bool = True) -> None:
-    """Join a cluster at `address`, or start an embedded local Ray (the laptop default)."""
+def connect(address: Optional[str], *, num_cpus: Optional[float] = None, quiet: bool = True,
+            **ray_init_options: Any) -> None:
+    """Join a cluster at `address`, or start an embedded local Ray (the laptop default) that
+    listens on loopback only. `ray_init_options` go to `ray.init` (e.g. logging_level)."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    kwargs: dict[str, Any] = {"log_to_driver": not quiet, "include_dashboard": False}
+    kwargs: dict[str, Any] = {"log_to_driver": not quiet, "include_dashboard": False, **ray_init_options}
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        # workers import rayq from this checkout/venv; keep the local cluster on loopback
-        ray.init(num_cpus=num_cpus, **kwargs)
+        return
+    _single_machine_ray()
+    ray.init(num_cpus=num_cpus, **kwargs)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip not in LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"the embedded Ray came up on {node_ip}, not on loopback")
+
+
+LOOPBACK = ("127.0.0.1", "::1")
+# Ray's own switch between "one machine" (its default on macOS and Windows: the node IP is the
+# loopback address) and "a node of a cluster" (its default on Linux: the outward IP). With the node
+# IP on loopback, GCS, raylet, object manager, core workers and the agents bind 127.0.0.1 instead
+# of all interfaces (checked in tests/cluster/test_ray_network.py).
+_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _single_machine_ray() -> None:
+    """Make the embedded local Ray a single-machine Ray: nothing it starts listens beyond loopback."""
+    os.environ[_SINGLE_MACHINE_ENV] = "0"  # for the processes Ray starts (they inherit it)
+    from ray._private import ray_constants
+
+    # Ray reads the variable once, when it is imported; this process may have imported it already
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 class RayTrainReporter:

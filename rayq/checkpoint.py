@@ -29,7 +29,6 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -37,6 +36,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from rayq import config as config_io
 from rayq.errors import UserError
 from rayq.model import GPT
+from rayq.safe_dcp import SafeFileSystemReader, refusal
 from rayq.schema import Config
 
 FILES = ("model.pt", "optim.pt", "trainer.pt", "config.yaml")
@@ -85,7 +85,9 @@ def _load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise UserError(f"{path}: corrupted or truncated checkpoint file ({type(exc).__name__})") from None
+        why = refusal(exc)
+        raise UserError(f"{path}: refused: {why}" if why
+                        else f"{path}: corrupted or truncated checkpoint file ({type(exc).__name__})") from None
 
 
 def load(directory: str | os.PathLike, *, with_optimizer: bool = True) -> dict:
@@ -96,6 +98,8 @@ def load(directory: str | os.PathLike, *, with_optimizer: bool = True) -> dict:
     if is_sharded(d):
         try:
             out = load_full_state_dict(d, with_optimizer=with_optimizer)
+        except UserError:  # a refused or damaged file, already named in one line
+            raise
         except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException  # noqa: BLE001 - many types for missing or damaged shards
             detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{d}: corrupted or incomplete sharded checkpoint ({detail})") from None
@@ -219,7 +223,7 @@ def load_full_state_dict(directory: str | os.PathLike, *, with_optimizer: bool =
     {"model": state dict, "optim": plain optimizer state dict or None}."""
     keys = {"model", "optim"} if with_optimizer else {"model"}
     state: dict = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(str(directory)),
+    _load_state_dict(state, storage_reader=SafeFileSystemReader(directory),
                      planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
     optim = state.get("optim")
     return {"model": state["model"], "optim": optim_fqns_to_ids(optim) if optim else None}

@@ -452,8 +452,9 @@ def _fit_once(strategies, seeds, milestones, eta, tie_break, per_search, searche
     import ray
     from ray import tune
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    from rayq.cluster.trainer import connect
+
+    connect(None, num_cpus=2, logging_level="ERROR")  # the embedded Ray: loopback only
     points = []
     for seed in seeds:
         for strategy in strategies:

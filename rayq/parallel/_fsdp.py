@@ -63,6 +63,7 @@ from rayq import checkpoint as ckpt_io
 from rayq.model import GPT
 from rayq.parallel._replicated import Replicated
 from rayq.precision import PrecisionPolicy
+from rayq.safe_dcp import SafeFileSystemReader
 from rayq.schema import Config
 
 
@@ -122,7 +123,7 @@ class FSDP(Replicated):
         d = Path(directory)
         if ckpt_io.is_sharded(d):
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-            dcp.load(state, checkpoint_id=str(d))
+            dcp.load(state, storage_reader=SafeFileSystemReader(d))
             set_model_state_dict(model, state["model"])
             set_optimizer_state_dict(model, optimizer, state["optim"])
             return ckpt_io.load_trainer(d)

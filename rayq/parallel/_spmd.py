@@ -40,6 +40,7 @@ import torch.nn as nn
 from rayq import checkpoint as ckpt_io
 from rayq.errors import UserError
 from rayq.parallel._replicated import Replicated
+from rayq.safe_dcp import SafeFileSystemReader
 
 AXIS = "fsdp"
 
@@ -165,7 +166,7 @@ class SPMD(Replicated):
 
         prime_optimizer(optimizer)  # DCP loads in place: the AdamW state must exist (and be sharded) first
         state = self._state(model, optimizer)
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(d)), planner=SPMDLoadPlanner())
+        dcp.load(state, storage_reader=SafeFileSystemReader(d), planner=SPMDLoadPlanner())
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(ckpt_io.optim_fqns_to_ids(state["optim"]))
         return ckpt_io.load_trainer(d)

@@ -1,7 +1,9 @@
 """The shipped cluster files: Ray launcher files validate against the schema inside the installed
 ray package, KubeRay manifests parse and ask for the right accelerators, every file has a rayq
-sibling (`*.rayq.yaml`) that resolves into a valid cluster section, and nothing exposes the Ray
-dashboard (8265), Ray Client (10001) or GCS (6379) ports to the public internet."""
+sibling (`*.rayq.yaml`) that resolves into a valid cluster section, nothing exposes the Ray
+dashboard (8265), Ray Client (10001) or GCS (6379) ports to the public internet, KubeRay clusters
+pin the dashboard host and admit only their own pods, and GCP nodes run as dedicated service
+accounts with narrow scopes."""
 
 from __future__ import annotations
 
@@ -120,13 +122,18 @@ def manifest(name: str) -> list[dict]:
     return docs
 
 
+def raycluster(name: str) -> dict:
+    (cluster,) = [d for d in manifest(name) if d["kind"] == "RayCluster"]
+    return cluster
+
+
 def containers(group: dict) -> list[dict]:
     return group["template"]["spec"]["containers"]
 
 
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_manifest_is_a_raycluster_with_token_auth(name):
-    (cluster,) = [d for d in manifest(name) if d["kind"] == "RayCluster"]
+    cluster = raycluster(name)
     assert cluster["apiVersion"] == "ray.io/v1"
     spec = cluster["spec"]
     assert spec["rayVersion"] == "2.60.0"
@@ -137,7 +144,7 @@ def test_manifest_is_a_raycluster_with_token_auth(name):
 
 
 def test_kuberay_gpu_asks_for_nvidia_gpus_on_gpu_nodes():
-    (cluster,) = manifest("kuberay-gpu.yaml")
+    cluster = raycluster("kuberay-gpu.yaml")
     groups = cluster["spec"]["workerGroupSpecs"]
     assert groups
     for g in groups:
@@ -151,7 +158,7 @@ def test_kuberay_gpu_asks_for_nvidia_gpus_on_gpu_nodes():
 def test_kuberay_tpu_asks_for_a_whole_slice():
     from ray.util.tpu import get_tpu_worker_resources
 
-    (cluster,) = manifest("kuberay-tpu.yaml")
+    cluster = raycluster("kuberay-tpu.yaml")
     rayq = yaml.safe_load(rayq_sibling("kuberay-tpu.yaml").read_text())["cluster"]
     (group,) = cluster["spec"]["workerGroupSpecs"]
     selector = group["template"]["spec"]["nodeSelector"]
@@ -163,6 +170,68 @@ def test_kuberay_tpu_asks_for_a_whole_slice():
         assert c["resources"]["limits"]["google.com/tpu"] == str(per_worker["TPU"])
         assert c["resources"]["requests"]["google.com/tpu"] == str(per_worker["TPU"])
         assert {"name": "PJRT_DEVICE", "value": "TPU"} in c["env"]
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_manifest_binds_the_dashboard_to_loopback(name):
+    """KubeRay starts the head with --dashboard-host=0.0.0.0 unless rayStartParams says otherwise."""
+    params = raycluster(name)["spec"]["headGroupSpec"]["rayStartParams"]
+    assert params["dashboard-host"] == "127.0.0.1"
+    for group in raycluster(name)["spec"]["workerGroupSpecs"]:
+        assert "0.0.0.0" not in json.dumps(group.get("rayStartParams", {}))
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_manifest_ships_a_network_policy_admitting_only_its_own_pods(name):
+    cluster = raycluster(name)
+    label = {"ray.io/cluster": cluster["metadata"]["name"]}
+    policies = [d for d in manifest(name) if d["kind"] == "NetworkPolicy"]
+    assert len(policies) == 1, f"{name}: one NetworkPolicy expected"
+    (policy,) = policies
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": label}  # every pod of this RayCluster
+    assert "Ingress" in spec["policyTypes"]
+    assert spec["ingress"], f"{name}: no ingress rule would deny even the cluster's own traffic"
+    for rule in spec["ingress"]:
+        # an empty rule or `from` admits everyone; ipBlock / namespaceSelector admit outsiders
+        assert rule.get("from"), f"{name}: an ingress rule without `from` admits every source"
+        for peer in rule["from"]:
+            assert peer == {"podSelector": {"matchLabels": label}}, f"{name}: ingress from {peer}"
+
+
+# ----------------------------------------------------------------------------- GCP service accounts
+
+NARROW_SCOPES = {"https://www.googleapis.com/auth/compute", "https://www.googleapis.com/auth/devstorage.read_write",
+                 "https://www.googleapis.com/auth/devstorage.read_only", "https://www.googleapis.com/auth/logging.write",
+                 "https://www.googleapis.com/auth/monitoring.write"}
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+
+
+@pytest.mark.parametrize("name", [n for n in LAUNCHERS if n.startswith("gcp")])
+def test_gcp_nodes_use_dedicated_service_accounts_with_narrow_scopes(name):
+    config = load(name)
+    head_type = config["head_node_type"]
+    for type_name, node_type in config["available_node_types"].items():
+        accounts = node_type["node_config"].get("serviceAccounts")
+        assert accounts and len(accounts) == 1, f"{name}: {type_name} names no service account (GCE's default)"
+        (account,) = accounts
+        assert account["email"] != "default" and account["email"].endswith(".iam.gserviceaccount.com"), \
+            f"{name}: {type_name} runs as {account['email']}"
+        scopes = set(account["scopes"])
+        if type_name == head_type and "acceleratorConfig" not in json.dumps(config["available_node_types"]):
+            assert scopes <= NARROW_SCOPES, f"{name}: head scopes {scopes}"
+        elif type_name == head_type:  # it creates TPU slices: the TPU API accepts only cloud-platform
+            assert scopes <= NARROW_SCOPES | {CLOUD_PLATFORM}
+            header = "".join(line for line in (CONFIGS / name).read_text().splitlines(True) if line.startswith("#"))
+            assert "roles/tpu.admin" in header and "cloud-platform" in header
+        else:  # GPU / TPU nodes only read and write the bucket
+            assert scopes <= NARROW_SCOPES and CLOUD_PLATFORM not in scopes, f"{name}: {type_name} scopes {scopes}"
+            assert "compute" not in " ".join(scopes), f"{name}: {type_name} could create VMs"
+    head_email = config["available_node_types"][head_type]["node_config"]["serviceAccounts"][0]["email"]
+    worker_emails = {t["node_config"]["serviceAccounts"][0]["email"]
+                     for n, t in config["available_node_types"].items() if n != head_type}
+    assert head_email not in worker_emails  # the nodes cannot do what the head may
 
 
 # ----------------------------------------------------------------------------- no public exposure
@@ -241,7 +310,7 @@ def test_rayq_sibling_resolves_and_passes_the_backend_checks(name):
             gpus = max(t["resources"].get("GPU", 0) * t.get("max_workers", 0) for t in types.values())
             cpus_per_node = min(t["resources"]["CPU"] for t in types.values() if t["resources"].get("GPU"))
         else:
-            (cluster,) = manifest(name)
+            cluster = raycluster(name)
             g = cluster["spec"]["workerGroupSpecs"][0]
             gpus = int(containers(g)[0]["resources"]["limits"]["nvidia.com/gpu"]) * g["maxReplicas"]
             cpus_per_node = int(containers(g)[0]["resources"]["limits"]["cpu"])

@@ -1,7 +1,7 @@
 """Ray Train runs of the one loop: DDP equivalence and recovery from a killed worker."""
 
+import importlib
 import json
-import subprocess
 import threading
 import time
 
@@ -23,6 +23,25 @@ def ray_local():
     connect(None, num_cpus=2)
     yield
     ray.shutdown()
+
+
+def _kill_own_train_workers() -> int:
+    """SIGKILL the Ray Train workers of this test's Ray (descendants of this process; never
+    another user's Ray on a shared machine). Returns how many."""
+    import ray  # noqa: F401 - puts ray's vendored psutil (ray/thirdparty_files) on sys.path
+
+    psutil = importlib.import_module("psutil")
+
+    workers = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "ray::RayTrainWorker" in " ".join(proc.cmdline()):
+                workers.append(proc)
+        except psutil.Error:  # exited meanwhile
+            continue
+    for proc in workers:
+        proc.kill()  # psutil checks the pid still names the same process
+    return len(workers)
 
 
 def _model(run_dir):
@@ -63,8 +82,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, tiny_setup, tmp_p
     while not (out / "checkpoints" / "step_40").exists():
         assert time.time() < deadline and thread.is_alive(), "run never reached step 40"
         time.sleep(0.2)
-    killed = subprocess.run(["pkill", "-9", "-f", "ray::RayTrainWorker"], check=False).returncode
-    assert killed == 0, "no Ray Train worker process found to kill"
+    assert _kill_own_train_workers() > 0, "no Ray Train worker process of this test's Ray found to kill"
     thread.join(timeout=300)
     assert result.get("step") == 160
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

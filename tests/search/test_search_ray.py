@@ -1,6 +1,7 @@
 """End to end: `rayq search` on local Ray with real Ray Train trials, a planted diverging recipe,
 results/front/export, the exported recipe trained again, and a search killed and resumed."""
 
+import importlib
 import json
 import os
 import signal
@@ -33,6 +34,27 @@ def _search_config(tiny_cfg, path: Path, points: list[dict], **extra) -> Path:
 
 def _run(args, **kw):
     return subprocess.run([RAYQ, *args], capture_output=True, text=True, timeout=900, **kw)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc`, its process group and every process it started (its Ray: GCS, raylet,
+    workers, agents), and nothing else: never another user's Ray on a shared machine."""
+    import ray  # noqa: F401 - puts ray's vendored psutil (ray/thirdparty_files) on sys.path
+
+    psutil = importlib.import_module("psutil")
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for child in tree:  # a descendant that left the process group
+        try:
+            child.kill()  # psutil checks the pid still names the same process
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
 
 
 def test_search_stops_the_diverging_recipe_and_exports_the_front(tiny_setup, tmp_path):
@@ -91,10 +113,8 @@ def test_killed_search_resumes_and_keeps_finished_trials(tiny_setup, tmp_path):
                     break
             time.sleep(1)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, as kill -9 would
-        proc.wait()
+        _kill_tree(proc)  # the driver and the Ray it started, as kill -9 would
     assert done_before, "no trial finished before the kill"
-    subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
 
     resumed = _run(["search", "--resume", "--out", str(out)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
