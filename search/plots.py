@@ -40,6 +40,7 @@ STYLE = {  # status -> (colour, marker, line style)
     "diverged": ("tab:red", "x", ":"),
     "incomplete": ("0.7", "^", ":"),
 }
+PALETTE = ("C0", "C1", "C2", "C4", "C5", "C6", "C8", "C9")  # no red or grey: those mean diverged / stopped
 # Accuracy a model guessing uniformly gets: 1 / choices for multiple choice; no line for
 # exact-match tasks (lambada-style last word), whose chance is ~0.
 CHANCE = {"piqa": 0.5, "hellaswag": 0.25, "winogrande": 0.5, "copa": 0.5, "copa100": 0.5, "storycloze": 0.5,
@@ -225,9 +226,9 @@ def _front_panel(tr: Trials, ax: Any, rows: dict[str, dict], title: str, stopped
         ax.axhline(chance, color="0.4", ls=":", lw=1, label=f"chance ({chance:g})")
     if _log_if_wide(np.array([p[0] for p in pts])):
         ax.set_xscale("log")
-    ax.set_xlabel(f"{metric_label(deg.name)}, {_direction_note(deg)}"
-                  + (" (log scale)" if ax.get_xscale() == "log" else ""))
-    ax.set_ylabel(f"{metric_label(acc.name)}, {_direction_note(acc)}")
+    ax.set_xlabel(f"{metric_label(deg.name)}\n{_direction_note(deg)}"
+                  + (", log scale" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel(f"{metric_label(acc.name)}\n{_direction_note(acc)}")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if pts:
@@ -271,7 +272,7 @@ def plot_vs_step(tr: Trials, obj: Objective, path: Path) -> Any:
         if steps.size == 0:
             continue
         st = tr.status(t)
-        colour = f"C{n % 10}" if st == "completed" else STYLE[st][0]
+        colour = PALETTE[n % len(PALETTE)] if st == "completed" else STYLE[st][0]
         where = f"stopped at {tr.run.status[t]['stopped_at']}" if st == "stopped" else st
         ax.errorbar(steps, vals, yerr=np.where(np.isfinite(se), se, 0.0), fmt=STYLE[st][2], color=colour,
                     marker="o", ms=4, lw=1.4, capsize=3, label=f"#{tr.number[t]} {tr.label(t)} ({where})")
@@ -289,9 +290,8 @@ def plot_vs_step(tr: Trials, obj: Objective, path: Path) -> Any:
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("training step (evaluated steps only)")
-    ax.set_ylabel(f"{metric_label(obj.name)}, {_direction_note(obj)}" + (" (log scale)" if log else ""))
-    ax.set_title(f"{obj.name} vs step per trial (seed mean ± 1 between-seed SE; dashed: stopped early)",
-                 fontsize=10)
+    ax.set_ylabel(f"{metric_label(obj.name)}\n{_direction_note(obj)}" + (", log scale" if log else ""))
+    ax.set_title(f"{obj.name} vs step per trial\nseed mean ± 1 between-seed SE; dashed: stopped early", fontsize=10)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -347,8 +347,11 @@ def plot_by_axis(tr: Trials, obj: Objective, path: Path) -> tuple[Any, Optional[
             v = r.get(col)
             groups.setdefault(None if isinstance(v, float) and math.isnan(v) else v, []).append(t)
         keys = sorted(groups, key=lambda v: (v is not None, isinstance(v, str), v if v is not None else 0))
+        # a numeric axis only for a knob with a range (a two-value or 0/1 knob reads as categories);
+        # log when its positive values span 10x or more (weight decay, learning rate)
         numeric = all(_numeric(v) for v in keys) and len(keys) > 1
         log = numeric and _log_if_wide(np.array(keys, dtype=float))
+        numeric = numeric and (log or len(keys) >= 3)
         for i, v in enumerate(keys):
             vals = np.array([_f(rows[t].get(obj.name)) for t in groups[v]])
             x = v if numeric else i
