@@ -24,19 +24,25 @@ from rayq.schema import Config
 CHECKPOINTS = "checkpoints"  # Ray Train run name: checkpoints land in <storage>/checkpoints/step_N
 
 
-def connect(address: Optional[str], *, num_cpus: Optional[float] = None, quiet: bool = True) -> None:
-    """Join a cluster at `address`, or start an embedded local Ray (the laptop default)."""
+def connect(address: Optional[str], *, num_cpus: Optional[float] = None, quiet: bool = True,
+            dashboard: bool = False) -> Optional[str]:
+    """Join a cluster at `address`, or start an embedded local Ray (the laptop default).
+    Returns the dashboard URL when there is one (`dashboard=True` starts it on loopback)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    kwargs: dict[str, Any] = {"log_to_driver": not quiet, "include_dashboard": False}
+    kwargs: dict[str, Any] = {"log_to_driver": not quiet, "include_dashboard": dashboard}
+    if dashboard:
+        kwargs["dashboard_host"] = "127.0.0.1"
     if address:
-        ray.init(address=address, **kwargs)
+        context = ray.init(address=address, **kwargs)
     else:
         # workers import rayq from this checkout/venv; keep the local cluster on loopback
-        ray.init(num_cpus=num_cpus, **kwargs)
+        context = ray.init(num_cpus=num_cpus, **kwargs)
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url or None
 
 
 class RayTrainReporter:
