@@ -11,6 +11,10 @@ runs Tune with `verbose=0` and this callback prints, to stderr:
 - the whole table (trial, recipe label, step, objectives, seeds, status) every `interval`
   seconds while trials run, and at the end.
 
+Even with `verbose=0` Tune prints an experiment box and "View detailed results here" with
+`print`, i.e. to stdout, which would corrupt `rayq search --json`: `fit_on_stderr` runs the fit
+with the driver's stdout sent to stderr.
+
 Status words are rayq's: `running`, `completed`, `stopped@<milestone>`, `diverged`, `error`.
 Tune marks the report where the scheduler stopped a trial with `done=True` and a completed
 trial's last report with `done=False`; this table (and results.parquet's readers) go by the
@@ -19,6 +23,7 @@ scheduler's decisions, not by that flag.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -31,7 +36,7 @@ from ray.tune import Callback
 from rayq.search import results as results_io
 from rayq.search.objectives import as_float as _f
 
-__all__ = ["ProgressTable", "TrialLine", "format_table"]
+__all__ = ["ProgressTable", "TrialLine", "format_table", "fit_on_stderr"]
 
 
 @dataclass
@@ -174,3 +179,9 @@ class ProgressTable(Callback):
     def print_table(self) -> None:
         self._last_table = time.monotonic()
         self._print(format_table(sorted(self.lines.values(), key=lambda t: t.number), self.objectives))
+
+
+def fit_on_stderr(tuner: Any) -> Any:
+    """`tuner.fit()` with anything Tune prints in this process going to stderr, not stdout."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return tuner.fit()

@@ -274,7 +274,7 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False, dashbo
     from rayq import data as data_io
     from rayq.cluster.trainer import connect
     from rayq.search import dashboards
-    from rayq.search.progress import ProgressTable
+    from rayq.search.progress import ProgressTable, fit_on_stderr
     from rayq.search.scheduler import MilestoneScheduler
     from rayq.search.space import validate_search
 
@@ -323,7 +323,7 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False, dashbo
                            ProgressTable(names, cfg.recipe.steps, out_dir, trial_label)],
                 failure_config=ray.tune.FailureConfig(max_failures=1),
                 verbose=0))  # Ray's own table (stdout, no stop decisions) off: ProgressTable prints ours
-    tuner.fit()
+    fit_on_stderr(tuner)  # stdout carries only the results of `rayq search`
     return finish(cfg, out_dir, objectives, checked.constraints)
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from rayq.search.dashboards import OPTUNA_STUDY, optuna_storage, optuna_storage_url
-from rayq.search.progress import ProgressTable, TrialLine, format_table
+from rayq.search.progress import ProgressTable, TrialLine, fit_on_stderr, format_table
 
 ACC, KL = "fp/acc", "ptq/w8a8-vectorwise/kl"
 
@@ -91,18 +91,22 @@ def test_tune_run_prints_rayq_table_not_rays(tmp_path, capfd):
             ray.tune.with_resources(trainable, {"CPU": 0.25}),
             param_space={"q": ray.tune.grid_search([0.9, 0.1])},
             tune_config=ray.tune.TuneConfig(
-                scheduler=MilestoneScheduler(objectives, [2], eta=2, state_path=str(tmp_path / "scheduler_state.json"),
+                scheduler=MilestoneScheduler(objectives, [2], eta=3, state_path=str(tmp_path / "scheduler_state.json"),
                                              verbose=False),
                 max_concurrent_trials=1),
             run_config=ray.tune.RunConfig(
                 name="t", storage_path=str(tmp_path / "ray"), verbose=0,
                 callbacks=[ProgressTable([ACC, KL], 4, tmp_path, lambda c: f"q{c['q']}", stream=buf)]))
-        tuner.fit()
+        fit_on_stderr(tuner)
     finally:
         ray.shutdown()
     out = buf.getvalue()
     assert "q0.9 step 4: completed" in out and "q0.1 step 2: stopped@2" in out
-    assert "Trial status" not in capfd.readouterr().out  # Ray's table is off
+    captured = capfd.readouterr()
+    assert captured.out == ""  # stdout is for rayq's results only
+    assert "Trial status" not in captured.err  # Ray's heartbeat table is off (verbose=0)
+    # where `rayq search` says TensorBoard's files are: one events file per trial under the Tune dir
+    assert len(list((tmp_path / "ray" / "t").glob("*/events.out.tfevents*"))) == 2
 
 
 @pytest.mark.ray
