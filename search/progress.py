@@ -119,6 +119,13 @@ class ProgressTable(Callback):
 
     # --------------------------------------------------------------------- Tune hooks
 
+    def setup(self, **info):
+        # Tune has set up the searcher by now, so an Optuna study kept in DIR/optuna.db exists
+        from rayq.search.dashboards import optuna_line
+
+        if (line := optuna_line(self.out_dir)) is not None:
+            self._print(f"rayq search: {line}")
+
     def on_trial_start(self, iteration, trials, trial, **info):
         line = self._line(trial)
         line.status = "running"

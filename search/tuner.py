@@ -292,10 +292,8 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False, dashbo
     data = data_io.prepare(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True))  # once
     url = connect(cfg.cluster.address, dashboard=dashboard)
     if url:
-        _say(f"Ray dashboard: {url}")
+        _say(f"Ray dashboard: {url} (when it asks for a token: `ray get-auth-token`)")
     _say(dashboards.tensorboard_line(tune_dir))
-    if (line := dashboards.optuna_line(out_dir)) is not None:
-        _say(line)
 
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(trial_driver, base=config_io.to_dict(cfg), storage=storage_for(cfg, out_dir),
