@@ -65,6 +65,9 @@ def test_optuna_study_lands_in_the_search_dir(tmp_path):
     study = optuna.load_study(study_name=OPTUNA_STUDY, storage=optuna_storage_url(tmp_path))  # as optuna-dashboard
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.values == [0.5, 0.02]
+    buf = io.StringIO()
+    ProgressTable([ACC, KL], 4, tmp_path, str, stream=buf).setup()  # what `rayq search` prints at the start
+    assert f"optuna-dashboard {optuna_storage_url(tmp_path)}" in buf.getvalue()
 
 
 @pytest.mark.ray
