@@ -176,7 +176,7 @@ def _summary(tr: Trials, plots: Mapping[str, str], notes: Sequence[str], compare
         else:
             caption = f"`{tr.deg.name}` per value of each searched knob (Figure 2)" + (
                 f", compared at step {int(compared_at)}" if compared_at is not None else ", at each trial's last eval")
-        parts += [f"### {caption}", "", f"![{caption}]({file})", ""]
+        parts += [f"### {caption}", "", f"![{caption.replace('`', '')}]({file})", ""]
     parts += ["## Notes", "", *[f"- {n}" for n in notes],
               "- Status is rayq's (from scheduler_state.json). Tune ends stopped and completed trials alike as "
               "TERMINATED; results.parquet's `done` column is Tune's flag: 1 on the report where the scheduler "
