@@ -8,8 +8,8 @@ runs Tune with `verbose=0` and this callback prints, to stderr:
 
 - one line per trial event: an evaluation (objectives ± between-seed SE, seeds), a stop (the
   scheduler's reason, read from its state file), a completion, an error;
-- the whole table (trial, recipe label, step, objectives, seeds, status) every `interval`
-  seconds while trials run, and at the end.
+- the whole table (trial, recipe label, step, objectives, the step they were evaluated at,
+  seeds, status) at most every `interval` seconds when something happened, and at the end.
 
 Even with `verbose=0` Tune prints an experiment box and "View detailed results here" with
 `print`, i.e. to stdout, which would corrupt `rayq search --json`: `fit_on_stderr` runs the fit
@@ -88,6 +88,7 @@ class ProgressTable(Callback):
         self._stream = stream
         self.lines: dict[str, TrialLine] = {}
         self._last_table = time.monotonic()
+        self._changed = False  # the periodic table is printed only when something happened since the last
 
     def __getstate__(self) -> dict:
         # Tune pickles callbacks into the experiment state; a stream is not picklable
@@ -112,6 +113,7 @@ class ProgressTable(Callback):
         return stops[-1] if stops else None
 
     def _event(self, line: TrialLine, what: str) -> None:
+        self._changed = True
         vals = ", ".join(f"{_short(n)} {_cell(*line.values[n])}" for n in self.objectives if n in line.values)
         seeds = f" ({line.seeds} seeds)" if line.seeds else ""
         self._print(f"[rayq search] #{line.number} {line.trial_id} {line.label} step {line.step}: {what}"
@@ -159,7 +161,8 @@ class ProgressTable(Callback):
             line.status = "diverged"
         else:
             line.status = f"stopped@{d.get('milestone')}"
-        self._event(line, f"{line.status} ({d.get('reason')})")
+        reason = str(d.get("reason") or "")
+        self._event(line, reason if reason.startswith(line.status.split("@")[0]) else f"{line.status} ({reason})")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         line = self._line(trial)
@@ -175,8 +178,7 @@ class ProgressTable(Callback):
         self._event(line, "error (see the trial's error.txt under the Tune directory)")
 
     def on_step_end(self, iteration, trials, **info):
-        if self.lines and time.monotonic() - self._last_table >= self.interval and any(
-                t.status == "running" for t in self.lines.values()):
+        if self._changed and time.monotonic() - self._last_table >= self.interval:
             self.print_table()
 
     def on_experiment_end(self, trials, **info):
@@ -184,7 +186,7 @@ class ProgressTable(Callback):
             self.print_table()
 
     def print_table(self) -> None:
-        self._last_table = time.monotonic()
+        self._last_table, self._changed = time.monotonic(), False
         self._print(format_table(sorted(self.lines.values(), key=lambda t: t.number), self.objectives))
 
 

@@ -49,6 +49,13 @@ def test_table_follows_results_and_reads_stop_decisions(tmp_path):
     assert out.count("evaluated") == 2
     table.on_experiment_end([])
     assert buf.getvalue().splitlines()[-3].split()[0] == "#"
+    table.interval = 0.0
+    before = buf.getvalue()
+    table.on_step_end(0, [])
+    assert buf.getvalue() == before  # nothing happened since the last table: no new one
+    table.on_trial_error(0, [], done)
+    table.on_step_end(0, [])
+    assert buf.getvalue().splitlines()[-1].split()[-1] == "error"
 
 
 def test_optuna_study_lands_in_the_search_dir(tmp_path):
