@@ -55,7 +55,8 @@ def test_table_follows_results_and_reads_stop_decisions(tmp_path):
     assert buf.getvalue() == before  # nothing happened since the last table: no new one
     table.on_trial_error(0, [], done)
     table.on_step_end(0, [])
-    assert buf.getvalue().splitlines()[-1].split()[-1] == "error"
+    assert buf.getvalue().splitlines()[-2].split()[:2] == ["1", "c"]  # a fresh table, trial c's row first
+    assert buf.getvalue().splitlines()[-2].split()[-1] == "error"
 
 
 def test_optuna_study_lands_in_the_search_dir(tmp_path):
