@@ -327,7 +327,12 @@ def plot_by_axis(tr: Trials, obj: Objective, path: Path) -> tuple[Any, Optional[
     """`obj` per value of each searched `config/recipe.*` column, at one comparable step: mean ±
     SE over the trials with that value (a lone trial: its between-seed SE), trials as dots."""
     at, rows = comparison(tr, obj.name)
-    cols = tr.config_cols
+
+    def key(v: Any) -> Any:
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    # a knob every compared trial shares (e.g. varied only by a diverged trial) shows nothing
+    cols = [c for c in tr.config_cols if len({key(r.get(c)) for r in rows.values()}) >= 2]
     n = max(1, len(cols))
     ncol = min(3, n)
     nrow = math.ceil(n / ncol)
@@ -337,15 +342,14 @@ def plot_by_axis(tr: Trials, obj: Objective, path: Path) -> tuple[Any, Optional[
                  "black: mean ± SE over trials (n = trials; a lone trial shows its between-seed SE)", fontsize=10)
     if not cols:
         ax = fig.subplots()
-        ax.text(0.5, 0.5, "no searched recipe column in results.parquet", ha="center", va="center")
+        ax.text(0.5, 0.5, "no searched knob took two values among the compared trials", ha="center", va="center")
     axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False).ravel()) if cols else []
     for ax in list(axes)[len(cols):]:
         ax.set_visible(False)
     for ax, col in zip(axes, cols):
         groups: dict[Any, list[str]] = {}
         for t, r in rows.items():
-            v = r.get(col)
-            groups.setdefault(None if isinstance(v, float) and math.isnan(v) else v, []).append(t)
+            groups.setdefault(key(r.get(col)), []).append(t)
         keys = sorted(groups, key=lambda v: (v is not None, isinstance(v, str), v if v is not None else 0))
         # a numeric axis only for a knob with a range (a two-value or 0/1 knob reads as categories);
         # log when its positive values span 10x or more (weight decay, learning rate)
