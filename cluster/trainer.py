@@ -38,24 +38,29 @@ CHECKPOINTS = "checkpoints"  # Ray Train run name: checkpoints land in <storage>
 
 
 def connect(address: Optional[str], *, num_cpus: Optional[float] = None, quiet: bool = True,
-            **ray_init_options: Any) -> None:
+            dashboard: bool = False, **ray_init_options: Any) -> Optional[str]:
     """Join a cluster at `address`, or start an embedded local Ray (the laptop default) that
-    listens on loopback only. `ray_init_options` go to `ray.init` (e.g. logging_level)."""
+    listens on loopback only. Returns the dashboard URL when there is one (`dashboard=True` starts
+    it, on loopback for the embedded Ray). `ray_init_options` go to `ray.init` (e.g. logging_level)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    kwargs: dict[str, Any] = {"log_to_driver": not quiet, "include_dashboard": False, **ray_init_options}
+    kwargs: dict[str, Any] = {"log_to_driver": not quiet, "include_dashboard": dashboard, **ray_init_options}
+    if dashboard:
+        kwargs["dashboard_host"] = "127.0.0.1"
     if address:
-        ray.init(address=address, **kwargs)
-        return
-    _single_machine_ray()
-    ray.init(num_cpus=num_cpus, **kwargs)
-    node_ip = ray.util.get_node_ip_address()
-    if node_ip not in LOOPBACK:
-        ray.shutdown()
-        raise RuntimeError(f"the embedded Ray came up on {node_ip}, not on loopback")
+        context = ray.init(address=address, **kwargs)
+    else:
+        _single_machine_ray()
+        context = ray.init(num_cpus=num_cpus, **kwargs)
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip not in LOOPBACK:
+            ray.shutdown()
+            raise RuntimeError(f"the embedded Ray came up on {node_ip}, not on loopback")
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url or None
 
 
 LOOPBACK = ("127.0.0.1", "::1")

@@ -224,7 +224,7 @@ def analyze(argv: Sequence[str]) -> int:
     from rayq.config import atomic_write_text
     from rayq.eval.degradation import token_batches
     from rayq.eval.diagnostics import analyze as run_analysis
-    from rayq.eval.diagnostics import plot
+    from rayq.eval.plots import plot_diagnostics
     from rayq.eval.scoring import as_tokenizer
 
     path, step, cfg, model, _, device = _load(args, {})
@@ -249,7 +249,8 @@ def analyze(argv: Sequence[str]) -> int:
     atomic_write_text(out / "diagnostics.json", json.dumps(doc, indent=1))
     written = [str(out / "diagnostics.json")]
     if not args.no_plots:
-        written += plot(diag, out)
+        schemes = ", ".join(cfg.eval.schemes) or "none"
+        written += plot_diagnostics(diag, out, source=f"checkpoint {path} · step {step} · eval schemes: {schemes}")
     if args.json:
         print(json.dumps({"checkpoint": str(path), "step": step, "files": written, "summary": diag.summary()}))
     else:

@@ -31,6 +31,8 @@ def search(argv: Sequence[str]) -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     parser.add_argument("--export-top", type=int, default=1, help="export this many front recipes at the end")
     parser.add_argument("--json", action="store_true", help="print the front as JSON")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="start Ray's dashboard on 127.0.0.1 and print its URL (needs ray[default])")
     args = parse_args(parser, argv)
     out = Path(args.out)
     if args.resume and args.preset is None and args.config is None and (out / "config.yaml").exists():
@@ -41,7 +43,7 @@ def search(argv: Sequence[str]) -> int:
     from rayq.search.tuner import run_search
 
     keep_pages()
-    outcome = run_search(cfg, out, resume=args.resume)
+    outcome = run_search(cfg, out, resume=args.resume, dashboard=args.dashboard)
     names = [o.name for o in outcome.objectives]
     counts: dict[str, int] = {}
     for s in outcome.status.values():

@@ -248,13 +248,26 @@ def storage_for(cfg: Config, out_dir: Path) -> str:
     return cfg.cluster.storage or str(out_dir / "ray")
 
 
-def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> SearchOutcome:
+def _say(msg: str) -> None:
+    print(f"rayq search: {msg}", file=sys.stderr, flush=True)
+
+
+def trial_label(trial_config: dict) -> str:
+    """A trial's recipe label for the progress table (e.g. `wd0.1-gc1-bf16`)."""
+    from rayq.search.space import recipe_label
+
+    values = recipe_values(trial_config)
+    return recipe_label(values) if values else "base recipe"
+
+
+def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False, dashboard: bool = False) -> SearchOutcome:
     """`rayq search`: validate, prepare data once, run Tune, write results and the front."""
     import ray.tune
-    from ray.tune import CLIReporter
 
     from rayq import data as data_io
     from rayq.cluster.trainer import connect
+    from rayq.search import dashboards
+    from rayq.search.progress import ProgressTable, fit_on_stderr
     from rayq.search.scheduler import MilestoneScheduler
     from rayq.search.space import validate_search
 
@@ -265,11 +278,16 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> Sea
     tune_dir = f"{storage_for(cfg, out_dir)}/tune"
     if not resume and (out_dir / results_io.RESULTS).exists():
         raise UserError(f"{out_dir}: holds a search already; pass --resume to continue it, or a new --out")
+    if dashboard:
+        dashboards.check_dashboard()
     out_dir.mkdir(parents=True, exist_ok=True)
     config_io.save(cfg, out_dir / "config.yaml")
     data = data_io.prepare(cfg.data, cfg.model.vocab_size,
                            progress=lambda msg: print(msg, file=sys.stderr, flush=True))  # once
-    connect(cfg.cluster.address)
+    url = connect(cfg.cluster.address, dashboard=dashboard)
+    if url:
+        _say(f"Ray dashboard: {url} (when it asks for a token: `ray get-auth-token`)")
+    _say(dashboards.tensorboard_line(tune_dir))
 
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(trial_driver, base=config_io.to_dict(cfg), storage=storage_for(cfg, out_dir),
@@ -293,11 +311,11 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> Sea
                 max_concurrent_trials=cfg.search.max_concurrent),
             run_config=ray.tune.RunConfig(
                 name="tune", storage_path=storage_for(cfg, out_dir),
-                callbacks=[ResultsWriter(out_dir, cfg, checked.space.searched_paths())],
+                callbacks=[ResultsWriter(out_dir, cfg, checked.space.searched_paths()),
+                           ProgressTable(names, cfg.recipe.steps, out_dir, trial_label)],
                 failure_config=ray.tune.FailureConfig(max_failures=1),
-                progress_reporter=CLIReporter(metric_columns=["step", "train/loss", *names],
-                                              max_report_frequency=30)))
-    tuner.fit()
+                verbose=0))  # Ray's own table (stdout, no stop decisions) off: ProgressTable prints ours
+    fit_on_stderr(tuner)  # stdout carries only the results of `rayq search`
     return finish(cfg, out_dir, objectives, checked.constraints)
 
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from rayq.eval import analyze, quant_dequant_rows, spectral_norm, token_batches
-from rayq.eval.diagnostics import plot
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (192, 64), (64, 256), (7, 3)])
@@ -81,11 +80,3 @@ def test_z_rule_finds_outliers_below_the_absolute_threshold(trained_gpt):
                 mod.bias[9] = 1.5
     d = analyze(model, _batches(trained_gpt), z=4.0)
     assert d.outliers.dims == [] and 9 in d.outliers_z.dims
-
-
-def test_plot_writes_pngs(trained_gpt, tmp_path):
-    d = analyze(trained_gpt.model, _batches(trained_gpt, 128))
-    paths = plot(d, tmp_path)
-    assert len(paths) == 4
-    for p in paths:
-        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

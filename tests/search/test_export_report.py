@@ -11,9 +11,9 @@ import yaml
 from rayq import config as config_io
 from rayq.cluster.commands import recipe_values
 from rayq.errors import UserError
-from rayq.search.export import PICKS, choose, export, typed_recipe
+from rayq.search.export import PICKS, SearchRun, choose, export, typed_recipe
 from rayq.search.objectives import parse_objectives
-from rayq.search.report import PLOTS, SUMMARY, write_report
+from rayq.search.report import SUMMARY, report_files, write_report
 from rayq.search.results import write_table
 
 ACC, KL = "fp/acc", "ptq/w8a8-vectorwise/kl"
@@ -161,11 +161,14 @@ def test_report_writes_plots_and_marks_stopped_trials(tmp_path):
     d = make_search(tmp_path)
     summary = write_report(d, tmp_path / "report")
     assert summary == tmp_path / "report" / SUMMARY
-    for name in PLOTS.values():
+    files = report_files(SearchRun(d))
+    assert sorted(files.values()) == ["fp-acc_vs_step.png", "pareto_front.png", "ptq-w8a8-vectorwise-kl_by_axis.png",
+                                      "ptq-w8a8-vectorwise-kl_vs_step.png"]  # named after the metric shown
+    for name in files.values():
         data = (tmp_path / "report" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     text = summary.read_text()
-    for name in PLOTS.values():
+    for name in files.values():
         assert f"({name})" in text
     assert "**stopped** at 25" in text and "**diverged**" in text
     assert "compared at step 25" in text  # the per-axis plot compares trials where all were evaluated
@@ -179,12 +182,13 @@ def test_report_writes_plots_and_marks_stopped_trials(tmp_path):
 def test_report_without_a_minimize_objective(tmp_path):
     d = make_search(tmp_path, objectives=[f"{ACC}:max"])
     text = write_report(d, tmp_path / "report").read_text()
-    assert "no Pareto plot" in text and "no degradation plots" in text
-    assert not (tmp_path / "report" / PLOTS["front"]).exists()
+    assert "no Pareto plot" in text and "no per-knob plot" in text
+    assert not (tmp_path / "report" / "pareto_front.png").exists()
+    assert (tmp_path / "report" / "fp-acc_vs_step.png").exists()
 
 
 def test_modules_do_not_import_ray():
     import subprocess
 
-    code = "import sys, rayq.search.export, rayq.search.report; sys.exit('ray' in sys.modules)"
+    code = "import sys, rayq.search.export, rayq.search.report, rayq.search.plots; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
