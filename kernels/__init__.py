@@ -39,6 +39,7 @@ from .schemes import (
     register_scheme,
     scheme_from_name,
 )
+from . import probes  # noqa: F401  (registers the probe schemes: w8a8-tensor-static, w8a6-token, w8a8-channel-oracle)
 
 __all__ = [
     "MAX_K_S8",

@@ -1,0 +1,123 @@
+"""What each quantizer probe costs on the same held-out tokens: KL(FP || Q) and delta CE, with CIs.
+
+Probes (`rayq.kernels.probes`) beside the paper's vector-wise W8A8, under stable labels:
+
+    w8a8-vectorwise      per-token A8 x per-channel W8 (the paper's)
+    a8-tensor-minmax     per-tensor static A8, max |x| on the calibration tokens, x per-channel W8
+    a8-tensor-p99.99     the same with the 99.99th percentile of |x| (the rest is clipped)
+    a6-token             per-token A6 x per-channel W8
+    a8-channel-oracle    per-input-channel A8 with the batch's own scales (simulated oracle)
+
+Damage split (proxy-regime note): per-tensor minus per-token ~ the token-wise (massive
+activation) part; per-token minus the channel oracle ~ the channel (outlier feature) part.
+
+Every model is scored on the same held-out sequences. Tokens of one sequence are correlated, so
+the unit of resampling is the sequence: per-sequence mean KL and per-sequence CE difference
+(Q minus FP, paired by construction) are bootstrapped with the same resample indices for every
+probe (seeded), giving percentile CIs as `rayq.eval.degradation.Interval`s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rayq.eval.degradation import Interval, token_kl
+from rayq.eval.scoring import autocast_of, eval_mode, model_device, no_grad_for
+
+# label -> (scheme name, fields); the labels name the metrics
+DEFAULT_PROBES: dict[str, tuple[str, dict]] = {
+    "w8a8-vectorwise": ("w8a8-vectorwise", {}),
+    "a8-tensor-minmax": ("w8a8-tensor-static", {"percentile": 100.0}),
+    "a8-tensor-p99.99": ("w8a8-tensor-static", {"percentile": 99.99}),
+    "a6-token": ("w8a6-token", {}),
+    "a8-channel-oracle": ("w8a8-channel-oracle", {}),
+}
+
+
+def bootstrap_mean(per_seq: np.ndarray, *, samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile CI of the mean of `per_seq` under resampling of sequences (seeded: every probe
+    gets the same resample indices for the same number of sequences)."""
+    v = np.asarray(per_seq, dtype=np.float64)
+    if len(v) == 0:
+        raise ValueError("bootstrap_mean: no sequences")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(samples, len(v)))].mean(1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return Interval(float(v.mean()), float(low), float(high), float(means.std(ddof=1)) if samples > 1 else 0.0, samples)
+
+
+@dataclass(frozen=True)
+class ProbeDamage:
+    scheme: dict  # the probe's scheme as recorded (`Scheme.to_dict()`)
+    kl: Interval  # mean per-token KL(FP || Q), nats
+    delta_ce: Interval  # CE(Q) - CE(FP) on the next held-out token, nats/token
+    sequences: int
+    tokens: int  # scored positions
+
+
+def _sequence_ce(logits: torch.Tensor, x: torch.Tensor) -> np.ndarray:
+    """Mean next-token cross-entropy per sequence (positions 0..T-2 predict tokens 1..T-1), fp64."""
+    lp = F.log_softmax(logits[:, :-1].double(), dim=-1)
+    nll = -lp.gather(-1, x[:, 1:, None].to(lp.device)).squeeze(-1)
+    return nll.mean(-1).cpu().numpy()
+
+
+def build_probes(model: nn.Module, calibration: Sequence[torch.Tensor], probes: Mapping[str, tuple[str, dict]] = DEFAULT_PROBES,
+                 *, backend: str = "auto") -> dict[str, nn.Module]:
+    """A quantized copy of `model` per probe label (static probes calibrated on `calibration`)."""
+    from rayq.kernels import scheme_from_name
+    from rayq.kernels.probes import quantize_probe
+
+    dev = model_device(model)
+    calib = [b.to(dev) for b in calibration]
+    return {label: quantize_probe(model, scheme_from_name(name, **fields), calibration=calib, backend=backend).eval()
+            for label, (name, fields) in probes.items()}
+
+
+def probe_damage(model: nn.Module, batches: Sequence[torch.Tensor], calibration: Sequence[torch.Tensor], *,
+                 probes: Mapping[str, tuple[str, dict]] = DEFAULT_PROBES, policy: Any = None, samples: int = 1000,
+                 confidence: float = 0.95, seed: int = 0, backend: str = "auto",
+                 models: Optional[Mapping[str, nn.Module]] = None) -> dict[str, ProbeDamage]:
+    """KL(FP || Q) and delta CE per probe on `batches` (token ids (B, T)), bootstrap CIs over sequences.
+
+    `calibration`: the fixed token set of the static probes (keep it apart from `batches`).
+    `models`: already quantized copies by label (else built here with `build_probes`)."""
+    if not batches:
+        raise ValueError("probe_damage: no held-out batches")
+    qmodels = dict(models) if models is not None else build_probes(model, calibration, probes, backend=backend)
+    autocast = autocast_of(policy)
+    dev = model_device(model)
+    kl: dict[str, list] = {k: [] for k in qmodels}
+    dce: dict[str, list] = {k: [] for k in qmodels}
+    tokens = 0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(no_grad_for(dev))
+        for m in (model, *qmodels.values()):
+            stack.enter_context(eval_mode(m))
+        for x in batches:
+            x = x.to(dev)
+            with autocast():
+                fp_logits = model(x).float()
+            fp_ce = _sequence_ce(fp_logits, x)
+            tokens += x.numel()
+            for label, qm in qmodels.items():
+                with autocast():
+                    q_logits = qm(x).float()
+                kl[label].append(token_kl(fp_logits, q_logits).mean(-1).cpu().numpy())
+                dce[label].append(_sequence_ce(q_logits, x) - fp_ce)
+    out = {}
+    for label, qm in qmodels.items():
+        k, d = np.concatenate(kl[label]), np.concatenate(dce[label])
+        scheme = next((m.scheme.to_dict() for m in qm.modules() if hasattr(m, "scheme")), {"name": label})
+        out[label] = ProbeDamage(scheme, bootstrap_mean(k, samples=samples, confidence=confidence, seed=seed),
+                                 bootstrap_mean(d, samples=samples, confidence=confidence, seed=seed), len(k), tokens)
+    return out
+
