@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -105,8 +105,8 @@ class Diagnostics:
     outliers_z: OutlierReport
     weight_hist: dict[str, dict] = field(repr=False)  # "layer i" -> histogram of its block linear weights
     ln_gain_hist: dict[str, dict] = field(repr=False)  # LayerNorm name -> histogram of its gain
-    outlier_stats: Optional[OutlierDiagnostics] = None  # per-site / per-block outlier statistics
-    probes: Optional[dict[str, ProbeDamage]] = None  # probe label -> KL and delta CE with CIs
+    outlier_stats: OutlierDiagnostics | None = None  # per-site / per-block outlier statistics
+    probes: dict[str, ProbeDamage] | None = None  # probe label -> KL and delta CE with CIs
 
     def summary(self) -> dict[str, float]:
         """Flat `diag/...` scalars for the metric stream."""
@@ -198,8 +198,8 @@ def _outliers(stats: Sequence[_SiteStats], attr: str, rule: str, threshold: floa
 
 def analyze(model: nn.Module, batches: Sequence[torch.Tensor], *, threshold: float = 6.0, z: float = 6.0,
             layer_frac: float = 0.25, token_frac: float = 0.06, policy: Any = None,
-            spectral_iters: int = 500, probes: Optional[Mapping[str, tuple[str, dict]]] = DEFAULT_PROBES,
-            calibration: Optional[Sequence[torch.Tensor]] = None, bootstrap_samples: int = 1000) -> Diagnostics:
+            spectral_iters: int = 500, probes: Mapping[str, tuple[str, dict]] | None = DEFAULT_PROBES,
+            calibration: Sequence[torch.Tensor] | None = None, bootstrap_samples: int = 1000) -> Diagnostics:
     """Run the diagnostics of the module docstring on `batches` (token id tensors (B, T)).
 
     `probes`: label -> (scheme name, fields) of `rayq.eval.probe_damage` (None or {} to skip).
@@ -270,7 +270,7 @@ def analyze(model: nn.Module, batches: Sequence[torch.Tensor], *, threshold: flo
 
 
 def _probes(model: nn.Module, batches: Sequence[torch.Tensor], probes: Mapping[str, tuple[str, dict]],
-            calibration: Optional[Sequence[torch.Tensor]], policy: Any, samples: int) -> dict[str, ProbeDamage]:
+            calibration: Sequence[torch.Tensor] | None, policy: Any, samples: int) -> dict[str, ProbeDamage]:
     if calibration is None:
         calibration, batches = batches[:1], (batches[1:] if len(batches) > 1 else batches)
     return probe_damage(model, batches, calibration, probes=probes, policy=policy, samples=samples)

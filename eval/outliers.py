@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from rayq.model import BLOCK_LINEARS
 
@@ -231,7 +231,7 @@ class OutlierCollector:
         return self.blocks[name]
 
     @contextmanager
-    def attached(self) -> Iterator["OutlierCollector"]:
+    def attached(self) -> Iterator[OutlierCollector]:
         handles = []
 
         def input_hook(name: str):

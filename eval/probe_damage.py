@@ -20,16 +20,16 @@ probe (seeded), giving percentile CIs as `rayq.eval.degradation.Interval`s.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-
 from rayq.eval.degradation import Interval, token_kl
 from rayq.eval.scoring import autocast_of, eval_mode, model_device, no_grad_for
+from torch import nn
 
 # label -> (scheme name, fields); the labels name the metrics
 DEFAULT_PROBES: dict[str, tuple[str, dict]] = {
@@ -85,7 +85,7 @@ def build_probes(model: nn.Module, calibration: Sequence[torch.Tensor], probes: 
 def probe_damage(model: nn.Module, batches: Sequence[torch.Tensor], calibration: Sequence[torch.Tensor], *,
                  probes: Mapping[str, tuple[str, dict]] = DEFAULT_PROBES, policy: Any = None, samples: int = 1000,
                  confidence: float = 0.95, seed: int = 0, backend: str = "auto",
-                 models: Optional[Mapping[str, nn.Module]] = None) -> dict[str, ProbeDamage]:
+                 models: Mapping[str, nn.Module] | None = None) -> dict[str, ProbeDamage]:
     """KL(FP || Q) and delta CE per probe on `batches` (token ids (B, T)), bootstrap CIs over sequences.
 
     `calibration`: the fixed token set of the static probes (keep it apart from `batches`).

@@ -28,15 +28,22 @@ from __future__ import annotations
 
 import contextvars
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Optional
+from typing import Any, ClassVar
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from . import gemm
 from .gemm import int8_mm
-from .quantize import QuantLinear, W8A8Linear, quantize_, register_handler, select_layers
+from .quantize import (
+    QuantLinear,
+    W8A8Linear,
+    quantize_,
+    register_handler,
+    select_layers,
+)
 from .schemes import Scheme, SchemeError, as_scheme, register_scheme
 
 Tensor = torch.Tensor
@@ -142,7 +149,7 @@ class ChannelOracleLinear(QuantLinear):
 # --------------------------------------------------------------------------- handlers
 
 # clip values (max |x| to map to code 127) per layer name, set by `quantize_probe` for one call
-_CLIPS: contextvars.ContextVar[Optional[dict[str, float]]] = contextvars.ContextVar("rayq_probe_clips", default=None)
+_CLIPS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("rayq_probe_clips", default=None)
 
 
 def _weight(linear: nn.Linear, name: str) -> Tensor:
@@ -247,7 +254,7 @@ def calibrate_clips(model: nn.Module, names: list[str], calibration: Iterable[An
     return {n: abs_percentile(xs, percentile) for n, xs in seen_inputs.items()}
 
 
-def quantize_probe(model: nn.Module, scheme: Scheme | str, *, calibration: Optional[Iterable[Any]] = None,
+def quantize_probe(model: nn.Module, scheme: Scheme | str, *, calibration: Iterable[Any] | None = None,
                    inplace: bool = False, backend: str = "auto", layers: Any = None) -> nn.Module:
     """`quantize_` for any scheme, computing the percentile clips of `w8a8-tensor-static` first.
 

@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from rayq.eval import token_batches
 from rayq.eval.diagnostics import analyze
-from rayq.eval.outliers import SINK_THRESHOLD, OutlierCollector, input_stats, kurtosis, metric_name
+from rayq.eval.outliers import (
+    SINK_THRESHOLD,
+    OutlierCollector,
+    input_stats,
+    kurtosis,
+    metric_name,
+)
 
 
 def _batches(gpt, n=256):

@@ -2,16 +2,21 @@
 function-preserving outlier must leave the FP model unchanged and raise kurtosis and KL(FP||Q)."""
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
 import torch
-
 from rayq.eval import token_batches
 from rayq.eval.degradation import token_kl
 from rayq.eval.diagnostics import analyze
 from rayq.eval.outliers import OutlierCollector
-from rayq.eval.probe_damage import DEFAULT_PROBES, bootstrap_mean, build_probes, probe_damage
+from rayq.eval.probe_damage import (
+    DEFAULT_PROBES,
+    bootstrap_mean,
+    build_probes,
+    probe_damage,
+)
 
 SCALES = (1.0, 4.0, 16.0, 64.0)
 CHANNEL = 5
@@ -50,7 +55,7 @@ def test_probe_damage_on_a_trained_model(trained_gpt):
     damage = probe_damage(model, held, calib, samples=200, models=qmodels)
     assert set(damage) == set(DEFAULT_PROBES)
     seqs = sum(len(b) for b in held)
-    for label, d in damage.items():
+    for d in damage.values():
         assert d.sequences == seqs and d.tokens == seqs * trained_gpt.cfg.seq_len
         assert 0 < d.kl.estimate and d.kl.low <= d.kl.estimate <= d.kl.high
         assert d.delta_ce.low <= d.delta_ce.estimate <= d.delta_ce.high
@@ -70,7 +75,7 @@ def test_probe_calibration_planted_outlier(trained_gpt):
     x = torch.cat(held)
     with torch.no_grad():
         fp_ref = trained_gpt.model(x)
-    kurt, kl = [], {label: [] for label in DEFAULT_PROBES}
+    kurt, kl, kl_low = [], {label: [] for label in DEFAULT_PROBES}, {label: [] for label in DEFAULT_PROBES}
     for s in SCALES:
         model = plant(trained_gpt.model, s)
         collector = OutlierCollector(model)
@@ -81,12 +86,21 @@ def test_probe_calibration_planted_outlier(trained_gpt):
         kurt.append(collector.result().sites["blocks.0.attn.qkv"]["kurtosis"])
         for label, d in probe_damage(model, held, calib, samples=50).items():
             kl[label].append(d.kl.estimate)
-    assert all(a < b for a, b in zip(kurt, kurt[1:])), kurt
-    for label in ("w8a8-vectorwise", "a8-tensor-minmax", "a8-tensor-p99.99", "a6-token"):
+            kl_low[label].append(d.kl.low)
+    assert all(a < b for a, b in itertools.pairwise(kurt)), kurt
+    for label in ("a8-tensor-minmax", "a8-tensor-p99.99", "a6-token"):
         assert all(a < b for a, b in zip(kl[label], kl[label][1:])), (label, kl[label])
-    # at s = 64 the per-tensor and per-token probes are hurt far more than at s = 1
-    assert kl["a8-tensor-minmax"][-1] > 10 * kl["a8-tensor-minmax"][0]
-    assert kl["w8a8-vectorwise"][-1] > 10 * kl["w8a8-vectorwise"][0]
+    # per-token A8: a 4x channel barely exceeds the tokens' own absmax (measured: +7%, inside the
+    # CI), so from s = 1 to 4 it must only not fall below the CI; from there on it must rise
+    vw = kl["w8a8-vectorwise"]
+    assert vw[1] > kl_low["w8a8-vectorwise"][0] and vw[1] < vw[2] < vw[3], vw
+    # at s = 64 the per-tensor and per-token probes are hurt far more than at s = 1 ...
+    assert kl["a8-tensor-minmax"][-1] > 100 * kl["a8-tensor-minmax"][0]
+    assert vw[-1] > 30 * vw[0]
+    # ... while the per-channel oracle, which a channel outlier cannot hurt, barely moves (its rest
+    # at s = 64 is the W8 error of the shrunken weight column)
+    oracle = kl["a8-channel-oracle"]
+    assert oracle[-1] < 10 * oracle[0] and oracle[-1] < vw[-1] / 5, oracle
 
 
 def test_analyze_reports_probes_with_cis(trained_gpt):

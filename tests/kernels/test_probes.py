@@ -7,9 +7,15 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
-
-from rayq.kernels import SchemeError, W8A8Vectorwise, int_mm_reference, list_schemes, quantize_, scheme_from_name, set_backend
+from rayq.kernels import (
+    SchemeError,
+    W8A8Vectorwise,
+    int_mm_reference,
+    list_schemes,
+    quantize_,
+    scheme_from_name,
+    set_backend,
+)
 from rayq.kernels.probes import (
     ChannelOracleLinear,
     W8A6Token,
@@ -19,6 +25,7 @@ from rayq.kernels.probes import (
     abs_percentile,
     quantize_probe,
 )
+from torch import nn
 
 K, N, M = 128, 96, 64
 
