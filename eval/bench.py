@@ -141,6 +141,8 @@ def diagnostics_cost(argv: Sequence[str]) -> int:
 
     parser = make_parser("rayq bench eval --diagnostics", "cost of the per-eval diagnostics vs the FP forward (JSON)")
     parser.add_argument("--preset", default="small", help="model preset (default: small)")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                        help="override a preset key, e.g. --set model.d_model=128 (repeatable)")
     parser.add_argument("--batches", type=int, default=2, help="held-out batches (default 2, as at each eval step)")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: eval.batch_size)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (default 3)")
@@ -153,7 +155,7 @@ def diagnostics_cost(argv: Sequence[str]) -> int:
         raise UserError("--batches must be >= 2 (one calibrates the probes) and --repeats >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = resolve(preset=args.preset)
+    cfg = resolve(preset=args.preset, overrides=args.overrides)
     batch_size = args.batch_size or cfg.eval.batch_size
     seq_len = cfg.model.seq_len
     torch.manual_seed(0)
@@ -190,6 +192,7 @@ def diagnostics_cost(argv: Sequence[str]) -> int:
     doc = {
         "bench": "eval-diagnostics",
         "preset": args.preset,
+        "overrides": list(args.overrides),
         "parameters": count_parameters(cfg.model),
         "model": {"n_layer": cfg.model.n_layer, "d_model": cfg.model.d_model, "n_head": cfg.model.n_head,
                   "vocab_size": cfg.model.vocab_size, "seq_len": seq_len},

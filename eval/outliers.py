@@ -10,7 +10,7 @@ massive activation / attention sink when there is one):
   ratio: it is left out and counted in `zero_median_frac` instead of producing inf;
 * `crest`: max|x| / rms(x) over the whole tensor (per-tensor 8-bit SQNR ~ 52.9 dB - 20 log10 crest).
 Per block (`blocks.{i}`): `sink_rate`, the fraction of heads whose mean attention to position 0
-(over query positions 1..T-1, recomputed from the qkv output) exceeds SINK_THRESHOLD, and
+(over query positions 1..T-1, recomputed from the qkv output with the model's causal SDPA) exceeds SINK_THRESHOLD, and
 `bos_norm_ratio`, the first token's residual norm (block output) over the sequence's median token
 norm, averaged over sequences. Per LayerNorm: `gain_max_median`, max|g| / median|g|.
 `max/<stat>` is the largest value over the model's sites (or blocks, or LayerNorms).
@@ -27,13 +27,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rayq.model import BLOCK_LINEARS
 
 SINK_THRESHOLD = 0.3  # mean attention to position 0 above which a head counts as a sink
-_QUERY_CHUNK = 256  # query rows per attention-probability chunk (bounds memory at long contexts)
 _LINEAR = re.compile(r"^blocks\.(\d+)\.(" + "|".join(map(re.escape, BLOCK_LINEARS)) + r")$")
 _BLOCK = re.compile(r"^blocks\.(\d+)$")
 _LAYERNORM = re.compile(r"^(blocks\.\d+\.(ln_attn|ln_mlp)|ln_f)$")
@@ -55,11 +56,20 @@ def kurtosis(values: torch.Tensor) -> float:
     return float(d.pow(4).mean()) / var**2
 
 
+def row_median(a: torch.Tensor) -> torch.Tensor:
+    """Lower median of each row of a 2-D tensor (torch.median's convention). On CPU through
+    numpy's partial sort: measured here ~9x faster than torch.median for 4096 x 512."""
+    k = (a.shape[-1] - 1) // 2
+    if a.device.type == "cpu" and a.dtype == torch.float32:
+        return torch.from_numpy(np.partition(a.contiguous().numpy(), k, axis=-1)[:, k])
+    return a.median(-1).values
+
+
 class _InputPart:
     """Sums and maxima of one linear's input over a subset of positions."""
 
     def __init__(self) -> None:
-        self.ch_sq: torch.Tensor | None = None  # per-channel sum of x^2 (float64)
+        self.ch_sq: torch.Tensor | None = None  # per-channel sum of x^2 (float64 across batches)
         self.tokens = 0
         self.max_abs = 0.0
         self.ratio_max = 0.0
@@ -67,15 +77,13 @@ class _InputPart:
         self.ratio_count = 0
         self.zero_median = 0
 
-    def update(self, x: torch.Tensor) -> None:  # x (tokens, C) float32
-        if x.shape[0] == 0:
+    def update(self, ch_sq: torch.Tensor, tok_max: torch.Tensor, tok_med: torch.Tensor) -> None:
+        """ch_sq: this batch's per-channel sum of x^2; tok_max / tok_med: per-token max and median |x|."""
+        if tok_max.numel() == 0:
             return
-        sq = x.double().square().sum(0)
-        self.ch_sq = sq if self.ch_sq is None else self.ch_sq + sq
-        self.tokens += x.shape[0]
-        ax = x.abs()
-        tok_max = ax.amax(-1)
-        tok_med = ax.median(-1).values
+        ch_sq = ch_sq.double().cpu()
+        self.ch_sq = ch_sq if self.ch_sq is None else self.ch_sq + ch_sq
+        self.tokens += tok_max.numel()
         alive = tok_med > 0
         ratio = tok_max[alive] / tok_med[alive]
         self.max_abs = max(self.max_abs, float(tok_max.max()))
@@ -104,13 +112,20 @@ class _InputStats:
     def __init__(self) -> None:
         self.all, self.rest = _InputPart(), _InputPart()
 
-    def update(self, x: torch.Tensor) -> None:  # (B, T, C) or (tokens, C)
+    def update(self, x: torch.Tensor) -> None:  # (B, T, C) or (T, C)
         x = x.detach().float()
         if x.dim() == 2:
             x = x.unsqueeze(0)
         x = x.reshape(-1, x.shape[-2], x.shape[-1])
-        self.all.update(x.reshape(-1, x.shape[-1]))
-        self.rest.update(x[:, 1:].reshape(-1, x.shape[-1]))
+        B, T, C = x.shape
+        ax = x.abs()
+        tok_max = ax.amax(-1)  # (B, T)
+        tok_med = row_median(ax.reshape(-1, C)).view(B, T).to(tok_max.device)
+        sq = x.square()
+        # float32 sums per batch (exact enough, ~70x faster than float64), accumulated in float64;
+        # the rest is summed directly, not as all - position 0 (a massive position 0 would cancel)
+        self.all.update(sq.sum((0, 1)), tok_max, tok_med)
+        self.rest.update(sq[:, 1:].sum((0, 1)), tok_max[:, 1:], tok_med[:, 1:])
 
     def result(self) -> dict[str, float]:
         out = self.all.result()
@@ -141,19 +156,16 @@ class _BlockStats:
         if T < 2:
             return
         C = C3 // 3
-        hd = C // self.n_head
         q, k, _ = qkv.detach().float().split(C, dim=2)
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_head, hd).transpose(1, 2)
-        scale = 1.0 / math.sqrt(hd)
-        keys = torch.arange(T, device=qkv.device)
-        for start in range(1, T, _QUERY_CHUNK):  # query 0 sees only position 0: left out
-            rows = torch.arange(start, min(T, start + _QUERY_CHUNK), device=qkv.device)
-            scores = (q[:, :, rows] @ k.transpose(-1, -2)) * scale  # (B, H, r, T)
-            scores = scores.masked_fill(keys[None, :] > rows[:, None], float("-inf"))
-            p0 = torch.softmax(scores, dim=-1)[..., 0]  # (B, H, r)
-            self.head_p0 += p0.double().sum((0, 2)).cpu()
-            self.queries += B * len(rows)
+        q = q.reshape(B, T, self.n_head, -1).transpose(1, 2)  # (B, H, T, hd)
+        k = k.reshape(B, T, self.n_head, -1).transpose(1, 2)
+        # attention with a value that is 1 at position 0 and 0 elsewhere returns p(query -> 0):
+        # the model's own fused causal kernel, without materialising the (T, T) probabilities
+        v = torch.zeros_like(q)
+        v[:, :, 0, 0] = 1.0
+        p0 = F.scaled_dot_product_attention(q, k, v, is_causal=True)[..., 0]  # (B, H, T)
+        self.head_p0 += p0[:, :, 1:].double().sum((0, 2)).cpu()  # query 0 sees only position 0: left out
+        self.queries += B * (T - 1)
 
     def update_residual(self, x: torch.Tensor) -> None:  # (B, T, C), the block's output
         norms = x.detach().float().norm(dim=-1)  # (B, T)

@@ -72,14 +72,27 @@ def _sequence_ce(logits: torch.Tensor, x: torch.Tensor) -> np.ndarray:
 
 def build_probes(model: nn.Module, calibration: Sequence[torch.Tensor], probes: Mapping[str, tuple[str, dict]] = DEFAULT_PROBES,
                  *, backend: str = "auto") -> dict[str, nn.Module]:
-    """A quantized copy of `model` per probe label (static probes calibrated on `calibration`)."""
+    """A quantized copy of `model` per probe label; the static probes share one calibration pass
+    over `calibration` (the fixed token set)."""
     from rayq.kernels import scheme_from_name
-    from rayq.kernels.probes import quantize_probe
+    from rayq.kernels.probes import (
+        W8A8TensorStatic,
+        calibrate_clips,
+        probe_layers,
+        quantize_probe,
+    )
 
     dev = model_device(model)
     calib = [b.to(dev) for b in calibration]
-    return {label: quantize_probe(model, scheme_from_name(name, **fields), calibration=calib, backend=backend).eval()
-            for label, (name, fields) in probes.items()}
+    schemes = {label: scheme_from_name(name, **fields) for label, (name, fields) in probes.items()}
+    static = [s for s in schemes.values() if isinstance(s, W8A8TensorStatic)]
+    clips = {}
+    if static:
+        clips = calibrate_clips(model, probe_layers(model), calib, sorted({s.percentile for s in static}),
+                                max(s.calibration_batches for s in static))
+    return {label: quantize_probe(model, s, calibration=calib, backend=backend,
+                                  clips=clips.get(getattr(s, "percentile", None))).eval()
+            for label, s in schemes.items()}
 
 
 def probe_damage(model: nn.Module, batches: Sequence[torch.Tensor], calibration: Sequence[torch.Tensor], *,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextvars
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,6 +49,8 @@ from .schemes import Scheme, SchemeError, as_scheme, register_scheme
 Tensor = torch.Tensor
 
 QMAX6 = 31  # symmetric 6-bit codes in [-31, 31]
+# clip values (max |x| to map to code 127) per layer name, set by `quantize_probe` for one call
+_CLIPS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("rayq_probe_clips", default=None)
 
 
 @register_scheme
@@ -59,7 +61,6 @@ class W8A8TensorStatic(Scheme):
     name: ClassVar[str] = "w8a8-tensor-static"
     description: ClassVar[str] = ("probe: per-tensor static A8 (min-max or percentile calibration) x per-channel W8, "
                                   "INT32 GEMM")
-    needs_calibration: ClassVar[bool] = True
     percentile: float = 100.0  # of |x| over the calibration tokens; 100 = min-max (max |x|)
     calibration_batches: int = 8
 
@@ -68,6 +69,11 @@ class W8A8TensorStatic(Scheme):
             raise SchemeError(f"w8a8-tensor-static: percentile must be in (50, 100], got {self.percentile}")
         if self.calibration_batches < 1:
             raise SchemeError(f"w8a8-tensor-static: calibration_batches must be >= 1, got {self.calibration_batches}")
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        """quantize_'s own calibration pass, skipped when `quantize_probe` already computed the clips."""
+        return _CLIPS.get() is None
 
 
 @register_scheme
@@ -148,10 +154,6 @@ class ChannelOracleLinear(QuantLinear):
 
 # --------------------------------------------------------------------------- handlers
 
-# clip values (max |x| to map to code 127) per layer name, set by `quantize_probe` for one call
-_CLIPS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("rayq_probe_clips", default=None)
-
-
 def _weight(linear: nn.Linear, name: str) -> Tensor:
     w = linear.weight.detach().float()
     if not bool(torch.isfinite(w).all()):
@@ -209,11 +211,12 @@ def abs_percentile(values: Iterable[Tensor], percentile: float) -> float:
     return float(flat.kthvalue(k).values)
 
 
-def calibrate_clips(model: nn.Module, names: list[str], calibration: Iterable[Any], percentile: float,
-                    max_batches: int) -> dict[str, float]:
-    """Per named linear: the `percentile` of |x| of its input over up to `max_batches` batches
-    (token id tensors, or tuples / dicts of model inputs). Keeps the layer inputs of the
-    calibration set in memory (the probe's fixed token set is small: e.g. 32 x 256 tokens)."""
+def calibrate_clips(model: nn.Module, names: list[str], calibration: Iterable[Any], percentiles: Sequence[float],
+                    max_batches: int) -> dict[float, dict[str, float]]:
+    """Per percentile, per named linear: the percentile of |x| of its input over up to
+    `max_batches` batches (token id tensors, or tuples / dicts of model inputs), from one pass.
+    Keeps the layer inputs of the calibration set in memory (the probes' fixed token set is
+    small: e.g. 32 x 256 tokens)."""
     seen_inputs: dict[str, list[Tensor]] = {n: [] for n in names}
     handles = []
 
@@ -251,24 +254,31 @@ def calibrate_clips(model: nn.Module, names: list[str], calibration: Iterable[An
     missing = [n for n, xs in seen_inputs.items() if not xs]
     if missing:
         raise SchemeError(f"layer {missing[0]!r} never ran during calibration")
-    return {n: abs_percentile(xs, percentile) for n, xs in seen_inputs.items()}
+    return {p: {n: abs_percentile(xs, p) for n, xs in seen_inputs.items()} for p in percentiles}
+
+
+def probe_layers(model: nn.Module, layers: Any = None) -> list[str]:
+    """Names of the linears a probe quantizes (quantize_'s selection)."""
+    return [n for n, m in select_layers(model, layers) if isinstance(m, nn.Linear)]
 
 
 def quantize_probe(model: nn.Module, scheme: Scheme | str, *, calibration: Iterable[Any] | None = None,
-                   inplace: bool = False, backend: str = "auto", layers: Any = None) -> nn.Module:
-    """`quantize_` for any scheme, computing the percentile clips of `w8a8-tensor-static` first.
-
-    Defaults to a quantized copy (inplace=False): probes are compared against the FP model."""
+                   inplace: bool = False, backend: str = "auto", layers: Any = None,
+                   clips: dict[str, float] | None = None) -> nn.Module:
+    """`quantize_` for any scheme, computing the percentile clips of `w8a8-tensor-static` first
+    (or taking `clips`, layer name -> clip from `calibrate_clips`, to share one calibration pass
+    between probes). Defaults to a quantized copy (inplace=False): probes are compared against
+    the FP model."""
     scheme = as_scheme(scheme)
     if not isinstance(scheme, W8A8TensorStatic):
         return quantize_(model, scheme, layers=layers, inplace=inplace, calibration=calibration, backend=backend)
-    if calibration is None:
-        raise SchemeError(f"{scheme.name}: needs calibration batches (a fixed token set)")
-    calibration = list(calibration)
-    names = [n for n, m in select_layers(model, layers) if isinstance(m, nn.Linear)]
-    clips = calibrate_clips(model, names, calibration, scheme.percentile, scheme.calibration_batches)
+    if clips is None:
+        if calibration is None:
+            raise SchemeError(f"{scheme.name}: needs calibration batches (a fixed token set)")
+        names = probe_layers(model, layers)
+        clips = calibrate_clips(model, names, calibration, [scheme.percentile], scheme.calibration_batches)[scheme.percentile]
     token = _CLIPS.set(clips)
     try:
-        return quantize_(model, scheme, layers=layers, inplace=inplace, calibration=calibration, backend=backend)
+        return quantize_(model, scheme, layers=layers, inplace=inplace, backend=backend)
     finally:
         _CLIPS.reset(token)
