@@ -130,12 +130,15 @@ def diagnostics_cost(argv: Sequence[str]) -> int:
     eval.batch_size x seq_len). Repeats alternate the variants; medians are reported:
     `forward` (the baseline), `outliers` (forward + the outlier-statistics hooks),
     `analyze_no_probes` (all of `rayq.eval.diagnostics.analyze` but the probes: + spectral norms,
-    histograms, Dettmers outliers) and `analyze` (+ quantizing and scoring the five probes)."""
+    histograms, Dettmers outliers) and `analyze` (+ quantizing and scoring the five probes); for
+    scale, `eval_kl_step`: the KL(FP || Q) part of an eval step without diagnostics (eval.kl_tokens
+    held-out tokens, one scheme, no tasks: a lower bound of an eval step's cost)."""
     import torch
 
     from rayq.commands import make_parser, parse_args
     from rayq.config import resolve
     from rayq.eval.diagnostics import analyze
+    from rayq.eval.evaluate import evaluate
     from rayq.eval.outliers import OutlierCollector
     from rayq.model import GPT, count_parameters
 
@@ -175,9 +178,14 @@ def diagnostics_cost(argv: Sequence[str]) -> int:
                 model(x)
         collector.result()
 
+    # context: the KL part of an eval step without diagnostics (eval.kl_tokens, the first scheme; no tasks)
+    kl_batches = [torch.randint(0, cfg.model.vocab_size, (batch_size, seq_len), generator=gen)
+                  for _ in range(max(1, cfg.eval.kl_tokens // (batch_size * seq_len)))]
+    scheme = cfg.eval.schemes[0] if cfg.eval.schemes else "w8a8-vectorwise"
     variants = {"forward": forward, "outliers": outliers,
                 "analyze_no_probes": lambda: analyze(model, batches, probes=None),
-                "analyze": lambda: analyze(model, batches)}
+                "analyze": lambda: analyze(model, batches),
+                "eval_kl_step": lambda: evaluate(model, [], [scheme], kl_batches=kl_batches, bootstrap_samples=100)}
     for fn in variants.values():  # warm-up
         fn()
     samples: dict[str, list[float]] = {k: [] for k in variants}
@@ -199,6 +207,7 @@ def diagnostics_cost(argv: Sequence[str]) -> int:
         "batches": args.batches,
         "batch_size": batch_size,
         "tokens": args.batches * batch_size * seq_len,
+        "eval_kl_tokens": len(kl_batches) * batch_size * seq_len,
         "repeats": args.repeats,
         "results": {k: {"seconds_median": med[k], "seconds": samples[k], "ratio_to_forward": med[k] / med["forward"]}
                     for k in variants},

@@ -59,6 +59,6 @@ def test_bench_eval_diagnostics_json(capsys):
     assert main(["--diagnostics", "--preset", "tiny", "--batch-size", "2", "--repeats", "1", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["bench"] == "eval-diagnostics" and doc["tokens"] == 2 * 2 * doc["model"]["seq_len"]
-    assert set(doc["results"]) == {"forward", "outliers", "analyze_no_probes", "analyze"}
+    assert set(doc["results"]) == {"forward", "outliers", "analyze_no_probes", "analyze", "eval_kl_step"}
     assert doc["results"]["forward"]["ratio_to_forward"] == 1.0
     assert all(r["seconds_median"] > 0 for r in doc["results"].values())
