@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rayq.eval.degradation import Interval, token_kl
+from rayq.eval.degradation import Interval
 from rayq.eval.scoring import autocast_of, eval_mode, model_device, no_grad_for
 from torch import nn
 
@@ -63,10 +63,9 @@ class ProbeDamage:
     tokens: int  # scored positions
 
 
-def _sequence_ce(logits: torch.Tensor, x: torch.Tensor) -> np.ndarray:
-    """Mean next-token cross-entropy per sequence (positions 0..T-2 predict tokens 1..T-1), fp64."""
-    lp = F.log_softmax(logits[:, :-1].double(), dim=-1)
-    nll = -lp.gather(-1, x[:, 1:, None].to(lp.device)).squeeze(-1)
+def _sequence_nll(log_probs: torch.Tensor, x: torch.Tensor) -> np.ndarray:
+    """Mean next-token negative log-likelihood per sequence (positions 0..T-2 predict 1..T-1)."""
+    nll = -log_probs[:, :-1].gather(-1, x[:, 1:, None].to(log_probs.device)).squeeze(-1)
     return nll.mean(-1).cpu().numpy()
 
 
@@ -119,13 +118,17 @@ def probe_damage(model: nn.Module, batches: Sequence[torch.Tensor], calibration:
             x = x.to(dev)
             with autocast():
                 fp_logits = model(x).float()
-            fp_ce = _sequence_ce(fp_logits, x)
+            # float64 log-probabilities (per-token KL near 1e-5 nats drowns in float32 rounding),
+            # the FP side computed once per batch for every probe
+            lp = F.log_softmax(fp_logits.double(), dim=-1)
+            p = lp.exp()
+            fp_nll = _sequence_nll(lp, x)
             tokens += x.numel()
             for label, qm in qmodels.items():
                 with autocast():
-                    q_logits = qm(x).float()
-                kl[label].append(token_kl(fp_logits, q_logits).mean(-1).cpu().numpy())
-                dce[label].append(_sequence_ce(q_logits, x) - fp_ce)
+                    lq = F.log_softmax(qm(x).float().double(), dim=-1)
+                kl[label].append((p * (lp - lq)).sum(-1).clamp_min(0.0).mean(-1).cpu().numpy())  # = degradation.token_kl
+                dce[label].append(_sequence_nll(lq, x) - fp_nll)
     out = {}
     for label, qm in qmodels.items():
         k, d = np.concatenate(kl[label]), np.concatenate(dce[label])
