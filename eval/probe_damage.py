@@ -118,6 +118,8 @@ def probe_damage(model: nn.Module, batches: Sequence[torch.Tensor], calibration:
             x = x.to(dev)
             with autocast():
                 fp_logits = model(x).float()
+            if fp_logits.device.type == "xla":  # float64 on the host: TPUs have no fast float64
+                fp_logits = fp_logits.cpu()
             # float64 log-probabilities (per-token KL near 1e-5 nats drowns in float32 rounding),
             # the FP side computed once per batch for every probe
             lp = F.log_softmax(fp_logits.double(), dim=-1)
@@ -126,7 +128,7 @@ def probe_damage(model: nn.Module, batches: Sequence[torch.Tensor], calibration:
             tokens += x.numel()
             for label, qm in qmodels.items():
                 with autocast():
-                    lq = F.log_softmax(qm(x).float().double(), dim=-1)
+                    lq = F.log_softmax(qm(x).float().to(lp.device).double(), dim=-1)
                 kl[label].append((p * (lp - lq)).sum(-1).clamp_min(0.0).mean(-1).cpu().numpy())  # = degradation.token_kl
                 dce[label].append(_sequence_nll(lq, x) - fp_nll)
     out = {}
