@@ -24,6 +24,8 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str]) -> int:
+    if "--diagnostics" in argv:  # a separate measurement: the per-eval diagnostics' cost
+        return diagnostics_cost([a for a in argv if a != "--diagnostics"])
     from rayq import allocator
 
     alloc = allocator.keep_pages()  # before any large tensor exists
@@ -117,4 +119,108 @@ def main(argv: Sequence[str]) -> int:
               f"{args.sequences} x {seq_len} tokens, batch {batch_size}, {doc['threads']} threads")
         for k in models:
             print(f"  {k:<28} {med[k]:>12,.0f} tokens/s  ({med[k] / med['fp32']:.2f}x fp32)")
+    return 0
+
+
+def diagnostics_cost(argv: Sequence[str]) -> int:
+    """`rayq bench eval --diagnostics`: what the per-eval diagnostics cost, against the FP forward
+    pass over the same held-out batches (what `evaluate` gives `analyze`: 2 batches of
+    eval.batch_size x seq_len). Repeats alternate the variants; medians are reported:
+    `forward` (the baseline), `outliers` (forward + the outlier-statistics hooks),
+    `analyze_no_probes` (all of `rayq.eval.diagnostics.analyze` but the probes: + spectral norms,
+    histograms, Dettmers outliers) and `analyze` (+ quantizing and scoring the five probes); for
+    scale, `eval_kl_step`: the KL(FP || Q) part of an eval step without diagnostics (eval.kl_tokens
+    held-out tokens, one scheme, no tasks: a lower bound of an eval step's cost)."""
+    import torch
+
+    from rayq.commands import make_parser, parse_args
+    from rayq.config import resolve
+    from rayq.eval.diagnostics import analyze
+    from rayq.eval.evaluate import evaluate
+    from rayq.eval.outliers import OutlierCollector
+    from rayq.model import GPT, count_parameters
+    from rayq.schema import EvalConfig
+
+    parser = make_parser("rayq bench eval --diagnostics", "cost of the per-eval diagnostics vs the FP forward (JSON)")
+    parser.add_argument("--preset", default="small", help="model preset (default: small)")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                        help="override a preset key, e.g. --set model.d_model=128 (repeatable)")
+    parser.add_argument("--batches", type=int, default=2, help="held-out batches (default 2, as at each eval step)")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: eval.batch_size)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (default 3)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parse_args(parser, argv)
+    if args.batches < 2 or args.repeats < 1:
+        from rayq.errors import UserError
+
+        raise UserError("--batches must be >= 2 (one calibrates the probes) and --repeats >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = resolve(preset=args.preset, overrides=args.overrides)
+    batch_size = args.batch_size or cfg.eval.batch_size
+    seq_len = cfg.model.seq_len
+    torch.manual_seed(0)
+    model = GPT(cfg.model).eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, cfg.model.vocab_size, (batch_size, seq_len), generator=gen) for _ in range(args.batches)]
+
+    def forward() -> None:
+        with torch.inference_mode():
+            for x in batches:
+                model(x)
+
+    def outliers() -> None:
+        collector = OutlierCollector(model)
+        with torch.inference_mode(), collector.attached():
+            for x in batches:
+                model(x)
+        collector.result()
+
+    # context: the KL part of an eval step without diagnostics (eval.kl_tokens, the first scheme; no tasks)
+    kl_batches = [torch.randint(0, cfg.model.vocab_size, (batch_size, seq_len), generator=gen)
+                  for _ in range(max(1, cfg.eval.kl_tokens // (batch_size * seq_len)))]
+    scheme = cfg.eval.schemes[0] if cfg.eval.schemes else "w8a8-vectorwise"
+    variants = {"forward": forward, "outliers": outliers,
+                "analyze_no_probes": lambda: analyze(model, batches, probes=None),
+                "analyze": lambda: analyze(model, batches),
+                "eval_kl_step": lambda: evaluate(model, [], EvalConfig(schemes=[scheme], bootstrap_samples=100),
+                                                 kl_batches=kl_batches)}
+    for fn in variants.values():  # warm-up
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(args.repeats):
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            t0 = time.perf_counter()
+            variants[name]()
+            samples[name].append(time.perf_counter() - t0)
+        print(f"bench eval --diagnostics: repeat {r + 1}/{args.repeats}: "
+              + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in samples.items()), file=sys.stderr, flush=True)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    doc = {
+        "bench": "eval-diagnostics",
+        "preset": args.preset,
+        "overrides": list(args.overrides),
+        "parameters": count_parameters(cfg.model),
+        "model": {"n_layer": cfg.model.n_layer, "d_model": cfg.model.d_model, "n_head": cfg.model.n_head,
+                  "vocab_size": cfg.model.vocab_size, "seq_len": seq_len},
+        "batches": args.batches,
+        "batch_size": batch_size,
+        "tokens": args.batches * batch_size * seq_len,
+        "eval_kl_tokens": len(kl_batches) * batch_size * seq_len,
+        "repeats": args.repeats,
+        "results": {k: {"seconds_median": med[k], "seconds": samples[k], "ratio_to_forward": med[k] / med["forward"]}
+                    for k in variants},
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "load_average": list(os.getloadavg()),
+    }
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(f"diagnostics cost, preset {args.preset} ({doc['parameters'] / 1e6:.1f}M parameters), "
+              f"{args.batches} x {batch_size} x {seq_len} tokens, {doc['threads']} threads")
+        for k in variants:
+            print(f"  {k:<18} {med[k]:>9.3f} s  ({med[k] / med['forward']:.1f}x the FP forward)")
     return 0

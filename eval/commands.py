@@ -191,13 +191,41 @@ def eval_(argv: Sequence[str]) -> int:
                       quantizer=default_quantizer(inputs.kl_batches[:2] or None, backend=args.backend))
     doc = {"checkpoint": str(path), "step": step,
            "precision": "fp32" if policy is None else policy.precision, **result.to_dict()}
+    if result.diagnostics is not None:
+        doc["diagnostics"] = result.diagnostics.report()
     if args.json:
         print(json.dumps(doc, default=float))
     else:
         doc["fp_label"] = f"fp ({doc['precision']})"
         print(f"{path} (step {step})")
         print(format_table(doc))
+        if result.diagnostics is not None:
+            print(format_diagnostics(doc["diagnostics"]))
     return 0
+
+
+def format_diagnostics(report: dict) -> str:
+    """The human-readable `--diagnostics` part of `rayq eval`: outlier statistics per site (all
+    positions / without position 0), per block, and the quantizer probes' damage with CIs."""
+    lines = ["", "outlier diagnostics (all positions | without position 0)"]
+    header = ["site", "kurtosis", "max/median", "crest", "zero-median"]
+    rows = [header]
+    for site, st in report["sites"].items():
+        rows.append([site] + [f"{st[k]:.3g} | {st[k + '_nopos0']:.3g}" for k in ("kurtosis", "max_median", "crest")]
+                    + [f"{st['zero_median_frac']:.2%}"])
+    for block, st in report["blocks"].items():
+        rows.append([block, f"sink rate {st['sink_rate']:.2f}", f"first-token norm / median {st['bos_norm_ratio']:.3g}", "", ""])
+    for ln, st in report["layernorms"].items():
+        rows.append([ln, f"gain max/median {st['gain_max_median']:.3g}", "", "", ""])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if report["probes"]:
+        lines += ["", "quantizer probes: KL(FP||Q) and delta CE, nats [CI]"]
+        for label, d in report["probes"].items():
+            kl, ce = d["kl"], d["delta_ce"]
+            lines.append(f"  {label:<20} KL {kl['estimate']:.3g} [{kl['low']:.3g}, {kl['high']:.3g}]   "
+                         f"dCE {ce['estimate']:+.3g} [{ce['low']:+.3g}, {ce['high']:+.3g}]")
+    return "\n".join(lines)
 
 
 # ============================================================================ rayq analyze

@@ -10,7 +10,10 @@ Per layer, on a few held-out batches of the FP model:
   >= 6% of the tokens, in >= 25% of the sites (inputs of attn.qkv and mlp.fc_in, i.e. the
   LayerNorm outputs Dettmers tracked); the z-score variant replaces the absolute threshold by
   |x - mean| / std >= z (6) per site and batch, so it still works at scales where nothing reaches 6;
-* weight and LayerNorm-gain histograms.
+* weight and LayerNorm-gain histograms;
+* the outlier diagnostics of `rayq.eval.outliers` (per-site kurtosis, max/median, crest factor,
+  attention sinks, first-token residual norm, LayerNorm gain max/median), in the same forward pass;
+* the quantizer probes' KL(FP || Q) and delta CE with bootstrap CIs (`rayq.eval.probe_damage`).
 
 Statistics are accumulated batch by batch (no activation is kept), so this runs on big models.
 """
@@ -20,12 +23,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from rayq import metrics
+from rayq.eval.outliers import OutlierCollector, OutlierDiagnostics, metric_name
+from rayq.eval.probe_damage import DEFAULT_PROBES, ProbeDamage, probe_damage
 from rayq.eval.scoring import autocast_of, eval_mode, model_device, no_grad_for
 from rayq.model import BLOCK_LINEARS
 
@@ -100,26 +106,58 @@ class Diagnostics:
     outliers_z: OutlierReport
     weight_hist: dict[str, dict] = field(repr=False)  # "layer i" -> histogram of its block linear weights
     ln_gain_hist: dict[str, dict] = field(repr=False)  # LayerNorm name -> histogram of its gain
+    outlier_stats: OutlierDiagnostics | None = None  # per-site / per-block outlier statistics
+    probes: dict[str, ProbeDamage] | None = None  # probe label -> KL and delta CE with CIs
 
     def summary(self) -> dict[str, float]:
         """Flat `diag/...` scalars for the metric stream."""
         sn = list(self.spectral_norm.values())
         ln = list(self.ln_gain_std.values())
         return {
-            "diag/qkv_rmse_mean": float(np.mean(self.qkv_input_rmse)),
-            "diag/qkv_rmse_max": float(np.max(self.qkv_input_rmse)),
-            "diag/act_std_mean": float(np.mean(self.act_std["attn.qkv"])),
-            "diag/max_abs_act": float(max(max(v) for v in self.max_abs_act.values())),
-            "diag/ln_gain_std_mean": float(np.mean(ln)),
-            "diag/ln_gain_std_max": float(np.max(ln)),
-            "diag/spectral_norm_mean": float(np.mean(sn)),
-            "diag/spectral_norm_max": float(np.max(sn)),
-            "diag/outlier_dims": float(len(self.outliers.dims)),
-            "diag/outlier_dims_z": float(len(self.outliers_z.dims)),
+            metrics.diag("qkv_rmse_mean"): float(np.mean(self.qkv_input_rmse)),
+            metrics.diag("qkv_rmse_max"): float(np.max(self.qkv_input_rmse)),
+            metrics.diag("act_std_mean"): float(np.mean(self.act_std["attn.qkv"])),
+            metrics.diag("max_abs_act"): float(max(max(v) for v in self.max_abs_act.values())),
+            metrics.diag("ln_gain_std_mean"): float(np.mean(ln)),
+            metrics.diag("ln_gain_std_max"): float(np.max(ln)),
+            metrics.diag("spectral_norm_mean"): float(np.mean(sn)),
+            metrics.diag("spectral_norm_max"): float(np.max(sn)),
+            metrics.diag("outlier_dims"): float(len(self.outliers.dims)),
+            metrics.diag("outlier_dims_z"): float(len(self.outliers_z.dims)),
+            **(self.outlier_stats.metrics() if self.outlier_stats is not None else {}),
+            **probe_metrics(self.probes or {}),
         }
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def report(self) -> dict:
+        """The `diagnostics` document of `rayq eval --diagnostics --json`: flat `summary` metrics,
+        then `sites.<linear name>.<stat>`, `blocks`, `layernorms`, `maxima` and `probes`."""
+        o = self.outlier_stats
+        return {
+            "summary": self.summary(),
+            "tokens": self.tokens,
+            "sites": o.sites if o else {},
+            "blocks": o.blocks if o else {},
+            "layernorms": o.layernorms if o else {},
+            "maxima": o.maxima if o else {},
+            "sink_threshold": o.sink_threshold if o else None,
+            "probes": {label: asdict(d) for label, d in (self.probes or {}).items()},
+            "outlier_dims": self.outliers.dims,
+            "outlier_dims_z": self.outliers_z.dims,
+        }
+
+
+def probe_metrics(probes: Mapping[str, ProbeDamage]) -> dict[str, float]:
+    """`diag/probe/<label>/{kl,delta_ce}` with `_ci_low` / `_ci_high`."""
+    out = {}
+    for label, d in probes.items():
+        for stat, iv in (("kl", d.kl), ("delta_ce", d.delta_ce)):
+            out[metric_name(f"probe/{label}", stat)] = iv.estimate
+            out[metric_name(f"probe/{label}", f"{stat}_ci_low")] = iv.low
+            out[metric_name(f"probe/{label}", f"{stat}_ci_high")] = iv.high
+    return out
 
 
 class _SiteStats:
@@ -161,8 +199,14 @@ def _outliers(stats: Sequence[_SiteStats], attr: str, rule: str, threshold: floa
 
 def analyze(model: nn.Module, batches: Sequence[torch.Tensor], *, threshold: float = 6.0, z: float = 6.0,
             layer_frac: float = 0.25, token_frac: float = 0.06, policy: Any = None,
-            spectral_iters: int = 500) -> Diagnostics:
-    """Run the diagnostics of the module docstring on `batches` (token id tensors (B, T))."""
+            spectral_iters: int = 500, probes: Mapping[str, tuple[str, dict]] | None = DEFAULT_PROBES,
+            calibration: Sequence[torch.Tensor] | None = None, bootstrap_samples: int = 1000) -> Diagnostics:
+    """Run the diagnostics of the module docstring on `batches` (token id tensors (B, T)).
+
+    `probes`: label -> (scheme name, fields) of `rayq.eval.probe_damage` (None or {} to skip).
+    Their static scales are calibrated on `calibration`; without it, on the first batch, and the
+    probes are then scored on the other batches (all of them if there is only one).
+    """
     linears = {}
     for name, mod in model.named_modules():
         if (m := _LINEAR.match(name)) and hasattr(mod, "weight"):
@@ -186,8 +230,9 @@ def analyze(model: nn.Module, batches: Sequence[torch.Tensor], *, threshold: flo
         handles.append(mod.register_forward_pre_hook(hook_for(layer, site)))
     autocast = autocast_of(policy)
     tokens = 0
+    collector = OutlierCollector(model)
     try:
-        with no_grad_for(model_device(model)), eval_mode(model):
+        with no_grad_for(model_device(model)), eval_mode(model), collector.attached():
             for x in batches:
                 with autocast():
                     model(x.to(model_device(model)))
@@ -220,4 +265,13 @@ def analyze(model: nn.Module, batches: Sequence[torch.Tensor], *, threshold: flo
         outliers_z=_outliers(outlier_stats, "z_hits", "zscore", z, layer_frac, token_frac),
         weight_hist={f"layer {i}": histogram(torch.cat(weights[i])) for i in sorted(weights)},
         ln_gain_hist={n: histogram(g) for n, g in ln_gains.items()},
+        outlier_stats=collector.result(),
+        probes=_probes(model, batches, probes, calibration, policy, bootstrap_samples) if probes else None,
     )
+
+
+def _probes(model: nn.Module, batches: Sequence[torch.Tensor], probes: Mapping[str, tuple[str, dict]],
+            calibration: Sequence[torch.Tensor] | None, policy: Any, samples: int) -> dict[str, ProbeDamage]:
+    if calibration is None:
+        calibration, batches = batches[:1], (batches[1:] if len(batches) > 1 else batches)
+    return probe_damage(model, batches, calibration, probes=probes, policy=policy, samples=samples)

@@ -10,6 +10,7 @@ and can switch to the fp64 reference path (`set_backend(model, "reference")`) th
 path is tested against. `rayq bench int8` (rayq.kernels.bench) measures the speed.
 """
 
+from . import probes  # noqa: F401  (registers the probe schemes: w8a8-tensor-static, w8a6-token, w8a8-channel-oracle)
 from .gemm import MAX_K_S8, MAX_K_U8, int8_mm, int_mm_reference, set_cpu_kernel
 from .quantize import (
     QuantEmbedding,

@@ -69,7 +69,8 @@ SCHEMES = [W8A8Vectorwise(), W8A8PerTensor(), W8A8PerTensor(static=True), W8A8Sm
 
 def test_registry_names_and_descriptions():
     names = [n for n, _ in list_schemes()]
-    assert names == ["w8a8-vectorwise", "w8a8-tensor", "w4-colwise", "w8a8-smoothquant", "w8a8-group"]
+    assert names == ["w8a8-vectorwise", "w8a8-tensor", "w4-colwise", "w8a8-smoothquant", "w8a8-group",
+                     "w8a8-tensor-static", "w8a6-token", "w8a8-channel-oracle"]  # the last three: kernels.probes
     assert all(d and "\n" not in d for _, d in list_schemes())
     assert scheme_from_name("w8a8-group", group_size=32) == W8A8Groupwise(32)
     assert scheme_from_name("w8a8-smoothquant", alpha=0.8).alpha == 0.8
