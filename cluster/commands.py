@@ -18,7 +18,6 @@ from rayq.config import cluster_values, recipe_values  # noqa: F401 - re-exporte
 from rayq.progress import say
 from rayq.schema import Config
 
-
 EXIT_DIVERGED = 3  # documented in `rayq train --help` and the README's exit codes
 
 EPILOG = """exit codes: 0 trained (or already at recipe.steps), 2 bad input (one line), 3 the run

@@ -115,9 +115,21 @@ def staged(staging: Optional[str | os.PathLike], what: str = "checkpoint"):
     except BaseException as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise UserError(fs.os_error_message(exc, staging or ".", what)) from None
+        os_error = _os_error_in(exc)
+        if os_error is not None:
+            raise UserError(fs.os_error_message(os_error, staging or ".", what)) from None
         raise
+
+
+def _os_error_in(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind `exc`: torch.save re-raises a failed write (ENOSPC) as a RuntimeError
+    from its zip writer's cleanup, with the OSError as the context."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def _load(path: Path) -> Any:

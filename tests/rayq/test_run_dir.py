@@ -44,7 +44,8 @@ def test_metrics_are_strict_json_and_never_repeat_a_step(tmp_path):
 def test_metrics_after_a_resume_have_no_repeated_steps(tiny_setup, tmp_path):
     base, data = tiny_setup
     cfg = _cfg(base, **{"recipe.steps": 8, "train.log_every": 1, "train.checkpoint_every": 4})
-    run(cfg, LocalReporter(tmp_path, cfg, echo=False), data=data, stop_at=6)  # killed after step 6, ckpt at 4
+    run(cfg, LocalReporter(tmp_path, cfg, echo=False), data=data, stop_at=6)
+    shutil.rmtree(tmp_path / "checkpoints" / "step_6")  # as if killed after reporting step 6, before its checkpoint
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4, 5, 6]
     run(cfg, LocalReporter(tmp_path, cfg, echo=False), data=data)
     rows = _rows(tmp_path)
