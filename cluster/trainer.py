@@ -172,7 +172,7 @@ def fit(cfg: Config, run_dir: str | Path, *, evaluate: bool = False, verbose: bo
     trainer = build_trainer(cfg, storage=storage, evaluate=evaluate, callbacks=[QueueReports(reports)],
                             data_dir=str(data.root))
     log = _ReportLog(cfg, run_dir, reports, evaluate=evaluate, data_dir=str(data.root),
-                     echo=train.ProgressEcho(cfg.recipe.steps, verbose=verbose))
+                     echo=train.ProgressEcho.of(cfg, verbose=verbose))
     log.start()
     try:
         result = trainer.fit()

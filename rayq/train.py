@@ -69,7 +69,7 @@ class LocalReporter:
         self.run_dir = Path(run_dir)
         self.rank, self.world_size = rank, world_size
         self.keep = cfg.train.keep_checkpoints
-        self.echo = ProgressEcho(cfg.recipe.steps, verbose=verbose) if echo else None
+        self.echo = ProgressEcho.of(cfg, verbose=verbose) if echo else None
         self.checkpoints = self.run_dir / "checkpoints"
         if rank == 0:
             run_files.make_run_dir(self.run_dir)
@@ -137,9 +137,13 @@ class ProgressEcho:
     measured since this process's first report, so a resumed run's ETA is its own), or with
     `verbose` the full key=value report. Local runs and the Ray driver of `--workers N` use it."""
 
-    def __init__(self, total_steps: int, *, verbose: bool = False):
-        self.total_steps, self.verbose = total_steps, verbose
+    def __init__(self, total_steps: int, *, tokens_per_step: int = 0, verbose: bool = False):
+        self.total_steps, self.tokens_per_step, self.verbose = total_steps, tokens_per_step, verbose
         self._clock: Optional[tuple[float, int]] = None  # (time, step) of the first report
+
+    @classmethod
+    def of(cls, cfg: Config, *, verbose: bool = False) -> "ProgressEcho":
+        return cls(cfg.recipe.steps, tokens_per_step=cfg.recipe.batch_size * cfg.model.seq_len, verbose=verbose)
 
     def __call__(self, metrics: dict) -> None:
         say(format_metrics(metrics) if self.verbose else self.line(metrics))
@@ -152,8 +156,12 @@ class ProgressEcho:
         line = progress_line(step, self.total_steps, loss=float("nan") if loss is None and m.get(names.DIVERGED) else loss,
                              tokens_per_s=m.get(names.TOKENS_PER_S))
         t0, s0 = self._clock
-        if s0 < step < self.total_steps:
-            line += f" · eta {human_duration((now - t0) / (step - s0) * (self.total_steps - step))}"
+        left = self.total_steps - step
+        tokens_per_s = m.get(names.TOKENS_PER_S)
+        if left > 0 and s0 < step:  # wall-clock pace: eval and checkpoint time included
+            line += f" · eta {human_duration((now - t0) / (step - s0) * left)}"
+        elif left > 0 and self.tokens_per_step and isinstance(tokens_per_s, (int, float)) and tokens_per_s > 0:
+            line += f" · eta {human_duration(left * self.tokens_per_step / tokens_per_s)}"  # first report
         if isinstance(m.get(names.EVAL_LOSS), (int, float)):
             line += f" · eval loss {m[names.EVAL_LOSS]:.4g}"
         if m.get(names.DIVERGED):
