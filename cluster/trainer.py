@@ -129,10 +129,12 @@ def build_trainer(cfg: Config, *, storage: str, name: str = CHECKPOINTS, evaluat
     backends.check_run(cfg)  # bad plans stop here, before any worker starts
     datasets = None
     if cfg.data.loader == "ray-data":
-        import ray.data  # seconds to import, and only this loader reads through Ray Data
+        # seconds to import, and only this loader reads through Ray Data (`import ray.data` here
+        # would make `ray` a local name of this function and break the other path)
+        from ray import data as ray_data
 
         files = data_io.reuse_or_prepare(data_dir, cfg.data, cfg.model.vocab_size).train_files()
-        datasets = {"train": ray.data.read_parquet(files).select_columns(["tokens"])}
+        datasets = {"train": ray_data.read_parquet(files).select_columns(["tokens"])}
     return TorchTrainer(
         train_worker,
         datasets=datasets,
