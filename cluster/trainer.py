@@ -32,6 +32,7 @@ from rayq import metrics as names
 from rayq import train
 from rayq.cluster import backends, evaluator
 from rayq.errors import UserError
+from rayq.progress import say
 from rayq.schema import Config
 
 CHECKPOINTS = "checkpoints"  # Ray Train run name: checkpoints land in <storage>/checkpoints/step_N
@@ -156,10 +157,12 @@ def build_trainer(cfg: Config, *, storage: str, name: str = CHECKPOINTS, evaluat
     backends.check_run(cfg)  # bad plans stop here, before any worker starts
     datasets = None
     if cfg.data.loader == "ray-data":
-        import ray.data  # seconds to import, and only this loader reads through Ray Data
+        # seconds to import, and only this loader reads through Ray Data (`import ray.data` here
+        # would make `ray` a local name of this function and break the other path)
+        from ray import data as ray_data
 
         files = data_io.reuse_or_prepare(data_dir, cfg.data, cfg.model.vocab_size).train_files()
-        datasets = {"train": ray.data.read_parquet(files).select_columns(["tokens"])}
+        datasets = {"train": ray_data.read_parquet(files).select_columns(["tokens"])}
     return TorchTrainer(
         train_worker,
         datasets=datasets,
@@ -176,9 +179,11 @@ def build_trainer(cfg: Config, *, storage: str, name: str = CHECKPOINTS, evaluat
     )
 
 
-def fit(cfg: Config, run_dir: str | Path, *, evaluate: bool = False) -> dict:
+def fit(cfg: Config, run_dir: str | Path, *, evaluate: bool = False, verbose: bool = False) -> dict:
     """`rayq train --workers N`: run `cfg` on Ray Train into `run_dir`; returns the last report
-    (with the evaluator's metrics, wherever they ran)."""
+    (with the evaluator's metrics, wherever they ran). Rank 0's reports reach the terminal as the
+    driver receives them (one progress line each, key=value with `verbose`); the workers' own
+    logs stay off the driver (`log_to_driver=False`), so the terminal is not flooded."""
     run_dir = Path(run_dir).resolve()
     storage = cfg.cluster.storage or str(run_dir)
     if "://" in storage:
@@ -187,12 +192,17 @@ def fit(cfg: Config, run_dir: str | Path, *, evaluate: bool = False) -> dict:
     evaluator.check(cfg, evaluate=evaluate, on_ray=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_io.save(cfg, run_dir / "config.yaml")
-    data = data_io.prepare(cfg.data, cfg.model.vocab_size)  # once, on the driver
+    data = data_io.prepare(cfg.data, cfg.model.vocab_size,  # once, on the driver
+                           progress=lambda m: say(f"rayq train: data: {m}"))
+    data_io.copy_tokenizer(data, run_dir)
+    say(f"rayq train: starting Ray ({cfg.cluster.address or 'local'}) and {cfg.cluster.workers} "
+        f"Ray Train worker(s) for {cfg.name} to step {cfg.recipe.steps} into {run_dir}")
     connect(cfg.cluster.address)
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(cfg, storage=storage, evaluate=evaluate, callbacks=[QueueReports(reports)],
                             data_dir=str(data.root))
-    log = _ReportLog(cfg, run_dir, reports, evaluate=evaluate, data_dir=str(data.root))
+    log = _ReportLog(cfg, run_dir, reports, evaluate=evaluate, data_dir=str(data.root),
+                     echo=train.ProgressEcho.of(cfg, verbose=verbose))
     log.start()
     try:
         result = trainer.fit()
@@ -207,9 +217,10 @@ class _ReportLog(threading.Thread):
     """The driver's consumer of one Train run's reports: evaluator metrics merged in
     (`evaluator.checkpoint_metrics`), then one `metrics.jsonl` line per report."""
 
-    def __init__(self, cfg: Config, run_dir: Path, reports: Queue, *, evaluate: bool, data_dir: str):
+    def __init__(self, cfg: Config, run_dir: Path, reports: Queue, *, evaluate: bool, data_dir: str,
+                 echo: Optional[train.ProgressEcho] = None):
         super().__init__(name="rayq-report-log", daemon=True)
-        self.cfg, self.run_dir, self.reports = cfg, run_dir, reports
+        self.cfg, self.run_dir, self.reports, self.echo = cfg, run_dir, reports, echo
         self.evaluate, self.data_dir = evaluate, data_dir
         self.last: dict = {}
         self.error: Optional[BaseException] = None
@@ -230,6 +241,8 @@ class _ReportLog(threading.Thread):
                 [row] = evaluator.checkpoint_metrics(self.cfg, [row], [ckpt], evaluate=self.evaluate,
                                                      data_dir=self.data_dir)
                 train.append_metrics(self.run_dir, row)
+                if self.echo is not None:
+                    self.echo(row)
                 self.last = row
         except BaseException as exc:  # noqa: BLE001 - re-raised by stop() on the driver thread
             self.error = exc

@@ -13,6 +13,7 @@ Bad input raises `UserError` (exit 2 through `rayq.cli`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -23,6 +24,7 @@ from rayq import checkpoint as ckpt_io
 from rayq import config as config_io
 from rayq.errors import UserError
 from rayq.precision import PrecisionPolicy
+from rayq.run_dir import dumps
 
 
 def _progress(msg: str) -> None:
@@ -61,8 +63,17 @@ def _load(args: Any, values: dict) -> tuple:
     return loaded.path, loaded.step, cfg, loaded.model, policy, device
 
 
-def _data_parts(args: Any, cfg: Any) -> dict:
-    """tokenizer / heldout_texts / heldout_tokens from files, or the prepared data of the config."""
+def _run_tokenizer(ckpt_dir: Path) -> Optional[Path]:
+    """The tokenizer a run directory carries (`RUN/tokenizer.model`, next to checkpoints/)."""
+    for d in (ckpt_dir, ckpt_dir.parent, ckpt_dir.parent.parent):
+        if (d / "tokenizer.model").is_file():
+            return d / "tokenizer.model"
+    return None
+
+
+def _data_parts(args: Any, cfg: Any, ckpt_dir: Optional[Path] = None) -> dict:
+    """tokenizer / heldout_texts / heldout_tokens from files, or the prepared data of the config;
+    where that data cannot be prepared (another machine), the run's own tokenizer.model."""
     if args.tokenizer or args.heldout:
         parts: dict = {}
         if args.tokenizer:
@@ -85,7 +96,16 @@ def _data_parts(args: Any, cfg: Any) -> dict:
         if "tokenizer" not in parts:
             parts["tokenizer"] = _prepared(cfg).tokenizer()
         return parts
-    data = _prepared(cfg)
+    carried = _run_tokenizer(ckpt_dir) if ckpt_dir is not None else None
+    try:
+        data = _prepared(cfg)
+    except UserError as exc:
+        if carried is None:
+            raise
+        _progress(f"rayq eval: no prepared data here ({exc}); using the run's {carried} "
+                  "(held-out text for built-in tasks and KL: --heldout FILE)")
+        args.tokenizer = str(carried)
+        return _data_parts(args, cfg)
     return {"data": data}
 
 
@@ -154,7 +174,13 @@ def eval_(argv: Sequence[str]) -> int:
     parser.add_argument("--backend", choices=["auto", "eager", "compiled", "reference"], default="auto",
                         help="rayq.kernels GEMM path of the quantized models (default auto)")
     parser.add_argument("--diagnostics", action="store_true", help="also compute the paper's §5 diagnostics")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="score only the first N items of every task (quick checks; lm-eval's --limit)")
+    parser.add_argument("--output-path", metavar="FILE",
+                        help="also write the results as JSON to FILE (a directory: eval_step_<N>.json in it)")
     args = parse_args(parser, argv)
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: expected a whole number >= 1")
 
     values: dict[str, Any] = {}
     if args.schemes is not None:
@@ -185,7 +211,9 @@ def eval_(argv: Sequence[str]) -> int:
         get_spec(name)
     _progress(f"rayq eval: {path} (step {step}) on {device}, tasks {', '.join(cfg.eval.tasks)}, "
               f"schemes {', '.join(cfg.eval.schemes) or 'none'}")
-    inputs = eval_inputs(cfg, **_data_parts(args, cfg))
+    inputs = eval_inputs(cfg, **_data_parts(args, cfg, path))
+    if args.limit is not None:
+        inputs.tasks[:] = [dataclasses.replace(t, items=t.items[:args.limit]) for t in inputs.tasks]
     result = evaluate(model, inputs.tasks, cfg.eval, tokenizer=inputs.tokenizer, kl_batches=inputs.kl_batches,
                       policy=policy, progress=_progress,
                       quantizer=default_quantizer(inputs.kl_batches[:2] or None, backend=args.backend))
@@ -193,8 +221,13 @@ def eval_(argv: Sequence[str]) -> int:
            "precision": "fp32" if policy is None else policy.precision, **result.to_dict()}
     if result.diagnostics is not None:
         doc["diagnostics"] = result.diagnostics.report()
+    if args.limit is not None:
+        doc["limit"] = args.limit
+    if args.output_path:
+        written = _write_output(Path(args.output_path).expanduser(), doc, step)
+        _progress(f"rayq eval: wrote {written}")
     if args.json:
-        print(json.dumps(doc, default=float))
+        print(dumps(doc))
     else:
         doc["fp_label"] = f"fp ({doc['precision']})"
         print(f"{path} (step {step})")
@@ -228,6 +261,22 @@ def format_diagnostics(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _write_output(target: Path, doc: dict, step: int) -> Path:
+    """The results as strict JSON (NaN written as null) at `target`, or in it when it is a directory."""
+    from rayq.config import atomic_write_text
+    from rayq.fs import os_error_message
+
+    if target.is_dir() or str(target).endswith(("/", "\\")):
+        target = target / f"eval_step_{step}.json"
+    if target.parent.exists() and not target.parent.is_dir():
+        raise UserError(f"--output-path {target}: {target.parent} is a file, not a directory")
+    try:
+        atomic_write_text(target, dumps(doc, indent=1) + "\n")
+    except OSError as exc:
+        raise UserError(f"--output-path {os_error_message(exc, target, 'the results')}") from None
+    return target
+
+
 # ============================================================================ rayq analyze
 
 
@@ -256,7 +305,7 @@ def analyze(argv: Sequence[str]) -> int:
     from rayq.eval.scoring import as_tokenizer
 
     path, step, cfg, model, _, device = _load(args, {})
-    parts = _data_parts(args, cfg)
+    parts = _data_parts(args, cfg, path)
     if "data" in parts:
         tokens = parts["data"].tokens("heldout")
     else:

@@ -23,6 +23,8 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -34,6 +36,7 @@ from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlan
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from rayq import config as config_io
+from rayq import fs
 from rayq.errors import UserError
 from rayq.model import GPT
 from rayq.safe_dcp import SafeFileSystemReader, refusal
@@ -46,21 +49,40 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 def write(directory: str | os.PathLike, *, model_state: Optional[dict], optim_state: Optional[dict],
           trainer_state: dict, cfg: Config) -> None:
     """Write checkpoint files into an existing (staging) directory (model_state None: the model
-    and optimizer are in sharded DCP files written beside these)."""
+    and optimizer are in sharded DCP files written beside these). Each file is fsynced, so the
+    rename in `commit` never publishes a directory whose data is still only in the page cache."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     if model_state is not None:
-        torch.save(model_state, d / "model.pt")
+        _save(model_state, d / "model.pt")
     if optim_state is not None:
-        torch.save(optim_state, d / "optim.pt")
-    torch.save(trainer_state, d / "trainer.pt")
-    (d / "config.yaml").write_text(config_io.dump_yaml(cfg))
+        _save(optim_state, d / "optim.pt")
+    _save(trainer_state, d / "trainer.pt")
+    with open(d / "config.yaml", "w", encoding="utf-8") as fh:
+        fh.write(config_io.dump_yaml(cfg))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _save(obj: Any, path: Path) -> None:
+    # through a Python file object: a full disk surfaces as OSError(ENOSPC), not torch's generic
+    # "file write failed" RuntimeError
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def commit(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
-    """Atomically move a finished staging directory to its final name (replacing an old one)."""
+    """Atomically move a finished staging directory to its final name (replacing an old one):
+    the staged files and the directory are fsynced first, the parent after the rename."""
     staging, final = Path(staging), Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for f in staging.iterdir():  # DCP shard files are written by torch: sync them here too
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fs.fsync_dir(staging)
     if final.exists():  # re-written after a resume: move the old one aside first, then drop it
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -69,14 +91,45 @@ def commit(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, final)
+    fs.fsync_dir(final.parent)
     return final
 
 
 def staging_dir(parent: str | os.PathLike, name: str) -> Path:
-    """A fresh, empty directory next to where `name` will be committed (same filesystem)."""
+    """A fresh, empty directory next to where `name` will be committed (same filesystem), with
+    the permissions the umask gives (mkdtemp's private 0700 would make checkpoints unreadable to
+    the group a shared run directory is meant for)."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    path = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    os.chmod(path, fs.dir_mode())
+    return path
+
+
+@contextmanager
+def staged(staging: Optional[str | os.PathLike], what: str = "checkpoint"):
+    """Around writing into a staging dir: on any failure the staging dir is removed (a retry
+    starts clean), and an OSError (a full disk, a read-only filesystem) becomes one `UserError`."""
+    try:
+        yield
+    except BaseException as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        os_error = _os_error_in(exc)
+        if os_error is not None:
+            raise UserError(fs.os_error_message(os_error, staging or ".", what)) from None
+        raise
+
+
+def _os_error_in(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind `exc`: torch.save re-raises a failed write (ENOSPC) as a RuntimeError
+    from its zip writer's cleanup, with the OSError as the context."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def _load(path: Path) -> Any:
@@ -107,8 +160,27 @@ def load(directory: str | os.PathLike, *, with_optimizer: bool = True) -> dict:
     else:
         out = {"model": _load(d / "model.pt"), "trainer": _load(d / "trainer.pt")}
         out["optim"] = _load(d / "optim.pt") if with_optimizer and (d / "optim.pt").exists() else None
+    _check_types(d, out)
     out["config"] = load_config(d)
     return out
+
+
+def _check_types(d: Path, state: dict) -> None:
+    """A file that loads but holds the wrong kind of object (a tensor where a state dict belongs)
+    is a damaged checkpoint, said in one line, not an AttributeError deep in a caller."""
+    expected = {"model": "a state dict of tensors", "trainer": "a dict", "optim": "an optimizer state dict"}
+    for key, text in expected.items():
+        value = state.get(key)
+        if key == "optim" and value is None:
+            continue
+        ok = isinstance(value, dict)
+        if ok and key == "model":
+            ok = all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+        if ok and key == "optim":
+            ok = isinstance(value.get("state"), dict) and isinstance(value.get("param_groups"), list)
+        if not ok:
+            name = f"{key}.pt" if key != "optim" or not is_sharded(d) else ".metadata"
+            raise UserError(f"{d / name}: expected {text}, found {type(value).__name__}; not a rayq checkpoint file")
 
 
 @dataclass
@@ -128,9 +200,15 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"device {name!r}: not a torch device (expected auto, cpu, cuda, cuda:N, xla)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r}: CUDA is not available on this machine (use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device | None = "auto") -> LoadedModel:
@@ -174,6 +252,43 @@ def list_steps(checkpoints_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest(checkpoints_dir: str | os.PathLike) -> Optional[Path]:
     steps = list_steps(checkpoints_dir)
     return steps[-1][1] if steps else None
+
+
+def damage(directory: str | os.PathLike) -> Optional[str]:
+    """Why a committed checkpoint cannot be resumed from (None: it looks whole). Cheap: it checks
+    that every file is there and that each tensor file's zip index and the small files read,
+    without reading the weights (a truncated or half-copied file fails here)."""
+    d = Path(directory)
+    sharded = is_sharded(d)
+    needed = ["trainer.pt", "config.yaml"] + ([] if sharded else ["model.pt"])
+    missing = [n for n in needed if not (d / n).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    for f in [d / "model.pt", d / "optim.pt"] if not sharded else []:
+        if f.exists() and not zipfile.is_zipfile(f):
+            return f"{f.name} is truncated or not a tensor file"
+    if sharded and not any(d.glob("*.distcp")):
+        return "no .distcp shard files"
+    try:
+        trainer = _load(d / "trainer.pt")
+        load_config(d)
+    except UserError as exc:
+        return str(exc)
+    if not isinstance(trainer, dict) or "step" not in trainer:
+        return "trainer.pt holds no step"
+    return None
+
+
+def newest_valid(checkpoints_dir: str | os.PathLike, *, say=None) -> Optional[Path]:
+    """The newest committed checkpoint that is not damaged (`damage`); each damaged newer one is
+    reported through `say` (skipped, not deleted: a later commit of that step replaces it)."""
+    for _, path in reversed(list_steps(checkpoints_dir)):
+        why = damage(path)
+        if why is None:
+            return path
+        if say is not None:
+            say(f"checkpoint {path} is damaged ({why}); falling back to an older one")
+    return None
 
 
 def prune(checkpoints_dir: str | os.PathLike, keep: int) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from rayq import fs
 from rayq.errors import ConfigError, UserError, did_you_mean
 from rayq.schema import Config
 
@@ -419,6 +420,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            os.fchmod(fh.fileno(), fs.file_mode())  # mkstemp's 0600 would ignore the umask
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

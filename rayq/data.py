@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 import sentencepiece as spm
 import torch
 
-from rayq.config import atomic_write_text
+from rayq.config import atomic_write_bytes, atomic_write_text
 from rayq.corpus import Document, load_documents
 from rayq.errors import UserError, did_you_mean
 from rayq.schema import DataConfig
@@ -366,6 +366,19 @@ class PreparedData:
             "heldout_documents": m["heldout_documents"],
             "seconds": m.get("seconds", {}),
         }
+
+
+RUN_TOKENIZER = "tokenizer.model"  # the copy a run directory carries (`copy_tokenizer`)
+
+
+def copy_tokenizer(data: PreparedData, run_dir: str | os.PathLike) -> Path:
+    """Copy the tokenizer into a run directory as `tokenizer.model`, so its checkpoints can be
+    evaluated where the prepared data (a cache under data.cache_dir) does not exist."""
+    dest = Path(run_dir) / RUN_TOKENIZER
+    model = (data.root / data.manifest["tokenizer"]["path"]).read_bytes()
+    if not dest.is_file() or dest.read_bytes() != model:
+        atomic_write_bytes(dest, model)
+    return dest
 
 
 def reuse_or_prepare(data_dir: Optional[str | os.PathLike], data_cfg: DataConfig, vocab_size: int) -> PreparedData:

@@ -14,10 +14,8 @@ imports ray.
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +30,10 @@ from rayq import config as config_io
 from rayq import data as data_io
 from rayq import metrics as names
 from rayq import parallel
+from rayq import run_dir as run_files
 from rayq.model import GPT, param_groups
 from rayq.precision import PrecisionPolicy
+from rayq.progress import human_duration, progress_line, say
 from rayq.schema import Config, RecipeConfig
 
 # An eval hook: (unwrapped model, step, policy) -> flat metrics, run on rank 0 at each eval step
@@ -59,16 +59,20 @@ class Reporter(Protocol):
 
 
 class LocalReporter:
-    """A run directory: config.yaml, metrics.jsonl (one line per report), checkpoints/step_N/."""
+    """A run directory: config.yaml, metrics.jsonl (one line per report), checkpoints/step_N/.
 
-    def __init__(self, run_dir: str | Path, cfg: Config, *, echo: bool = True, rank: int = 0, world_size: int = 1):
+    `echo`: one progress line per report on stderr (`step 120/900 · loss 4.21 · 5.3k tok/s ·
+    eta 6m`); `verbose`: the full key=value report instead (metrics.jsonl has it either way)."""
+
+    def __init__(self, run_dir: str | Path, cfg: Config, *, echo: bool = True, verbose: bool = False,
+                 rank: int = 0, world_size: int = 1):
         self.run_dir = Path(run_dir)
         self.rank, self.world_size = rank, world_size
         self.keep = cfg.train.keep_checkpoints
-        self.echo = echo
+        self.echo = ProgressEcho.of(cfg, verbose=verbose) if echo else None
         self.checkpoints = self.run_dir / "checkpoints"
         if rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            run_files.make_run_dir(self.run_dir)
             config_io.save(cfg, self.run_dir / "config.yaml")
 
     def _rank0_path(self, make: Callable[[], Optional[Path]]) -> Optional[Path]:
@@ -89,28 +93,80 @@ class LocalReporter:
         if self.rank != 0:
             return None
         if checkpoint is not None:
-            final = ckpt_io.commit(checkpoint, self.checkpoints / f"step_{metrics[names.STEP]}")
+            with ckpt_io.staged(checkpoint):
+                final = ckpt_io.commit(checkpoint, self.checkpoints / f"step_{metrics[names.STEP]}")
             ckpt_io.prune(self.checkpoints, self.keep)
             metrics = {**metrics, names.CHECKPOINT_PATH: str(final)}
         append_metrics(self.run_dir, metrics)
-        if self.echo:
-            print(format_metrics(metrics), file=sys.stderr, flush=True)
+        if self.echo is not None:
+            self.echo(metrics)
         return final
 
+    def _progress(self, m: dict) -> str:
+        step, now = int(m[names.STEP]), time.monotonic()
+        if self._clock is None:
+            self._clock = (now, step)
+        line = progress_line(step, self.total_steps, loss=m.get(names.TRAIN_LOSS), tokens_per_s=m.get(names.TOKENS_PER_S))
+        t0, s0 = self._clock
+        if step > s0 and step < self.total_steps:  # the pace since this process started (a resume counts from there)
+            line += f" · eta {human_duration((now - t0) / (step - s0) * (self.total_steps - step))}"
+        if names.EVAL_LOSS in m:
+            line += f" · eval loss {m[names.EVAL_LOSS]:.4g}"
+        if m.get(names.DIVERGED):
+            line += " · diverged"
+        return line
+
     def restore(self) -> Optional[Path]:
-        # rank 0's view: another rank may get here before rank 0 has committed the last checkpoint
-        return self._rank0_path(lambda: ckpt_io.latest(self.checkpoints))
+        # rank 0's view: another rank may get here before rank 0 has committed the last checkpoint;
+        # a damaged newest checkpoint (a disk error, a half-copied run dir) falls back to an older one
+        return self._rank0_path(lambda: ckpt_io.newest_valid(self.checkpoints, say=say))
 
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = run_files.METRICS_FILE
 
 
 def append_metrics(run_dir: str | Path, metrics: dict) -> None:
     """Append one report to `<run_dir>/metrics.jsonl`: the one writer of that file, for local runs
-    and for the Ray driver of `rayq train --workers N` alike. One line is one write of a complete
-    line, so a killed run leaves whole lines only."""
-    with open(Path(run_dir) / METRICS_FILE, "a") as fh:
-        fh.write(json.dumps(metrics, default=float) + "\n")
+    and for the Ray driver of `rayq train --workers N` alike (`rayq.run_dir.append_metrics`:
+    strict JSON, whole lines, no step twice after a resume)."""
+    run_files.append_metrics(run_dir, metrics)
+
+
+class ProgressEcho:
+    """One stderr line per report: `step 120/900 · loss 4.21 · 5.3k tok/s · eta 6m` (the pace
+    measured since this process's first report, so a resumed run's ETA is its own), or with
+    `verbose` the full key=value report. Local runs and the Ray driver of `--workers N` use it."""
+
+    def __init__(self, total_steps: int, *, tokens_per_step: int = 0, verbose: bool = False):
+        self.total_steps, self.tokens_per_step, self.verbose = total_steps, tokens_per_step, verbose
+        self._clock: Optional[tuple[float, int]] = None  # (time, step) of the first report
+
+    @classmethod
+    def of(cls, cfg: Config, *, verbose: bool = False) -> "ProgressEcho":
+        return cls(cfg.recipe.steps, tokens_per_step=cfg.recipe.batch_size * cfg.model.seq_len, verbose=verbose)
+
+    def __call__(self, metrics: dict) -> None:
+        say(format_metrics(metrics) if self.verbose else self.line(metrics))
+
+    def line(self, m: dict) -> str:
+        step, now = int(m[names.STEP]), time.monotonic()
+        if self._clock is None:
+            self._clock = (now, step)
+        loss = m.get(names.TRAIN_LOSS)
+        line = progress_line(step, self.total_steps, loss=float("nan") if loss is None and m.get(names.DIVERGED) else loss,
+                             tokens_per_s=m.get(names.TOKENS_PER_S))
+        t0, s0 = self._clock
+        left = self.total_steps - step
+        tokens_per_s = m.get(names.TOKENS_PER_S)
+        if left > 0 and s0 < step:  # wall-clock pace: eval and checkpoint time included
+            line += f" · eta {human_duration((now - t0) / (step - s0) * left)}"
+        elif left > 0 and self.tokens_per_step and isinstance(tokens_per_s, (int, float)) and tokens_per_s > 0:
+            line += f" · eta {human_duration(left * self.tokens_per_step / tokens_per_s)}"  # first report
+        if isinstance(m.get(names.EVAL_LOSS), (int, float)):
+            line += f" · eval loss {m[names.EVAL_LOSS]:.4g}"
+        if m.get(names.DIVERGED):
+            line += " · diverged"
+        return line
 
 
 def format_metrics(m: dict) -> str:
@@ -249,7 +305,8 @@ def run(cfg: Config, reporter: Reporter, *, data: Optional[data_io.PreparedData]
             trainer_state = {"step": step, "skipped_steps": skipped, "rng": rng,
                              "scaler": scaler.state_dict() if scaler is not None else {},
                              "data": batches.state_dict()}
-            strategy.save(staging, model, optimizer, trainer_state=trainer_state)  # collective
+            with ckpt_io.staged(staging):  # a full disk: no half-written staging dir left behind
+                strategy.save(staging, model, optimizer, trainer_state=trainer_state)  # collective
         final = reporter.report(metrics, checkpoint=staging)
         if staging is not None:
             last_ckpt = final
@@ -291,8 +348,9 @@ def run(cfg: Config, reporter: Reporter, *, data: Optional[data_io.PreparedData]
 
         if not math.isfinite(loss_value) and (scaler is None or consecutive_skips >= MAX_CONSECUTIVE_SKIPS):
             diverged = True
-            reporter.report({names.STEP: step, names.TRAIN_LOSS: loss_value, names.DIVERGED: 1,
-                             names.train("skipped_steps"): skipped})
+            last_metrics = {names.STEP: step, names.TRAIN_LOSS: loss_value, names.DIVERGED: 1,
+                            names.train("skipped_steps"): skipped}
+            reporter.report(last_metrics)
             history.append({names.STEP: step, names.DIVERGED: 1})
             break
         if math.isfinite(loss_value):

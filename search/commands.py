@@ -75,11 +75,12 @@ def export_(argv: Sequence[str]) -> int:
     group.add_argument("--top", type=int, help="the K best recipes of the front (knee first)")
     group.add_argument("--pick", choices=PICKS, help="one recipe: the knee, max FP accuracy or min degradation")
     parser.add_argument("--preset", default="6b", help="model preset of the full-scale launch (default 6b)")
-    parser.add_argument("--cluster", default="cluster/configs/gcp-tpu.rayq.yaml",
-                        help="cluster file of the full-scale launch")
+    parser.add_argument("--cluster", default="gcp-tpu",
+                        help="cluster file, or the name of a shipped one, of the full-scale launch (default gcp-tpu)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing recipe files in --out")
     args = parse_args(parser, argv)
     for path in export(args.search_dir, args.out, top=args.top, pick=args.pick, preset=args.preset,
-                       cluster=args.cluster):
+                       cluster=args.cluster, force=args.force):
         print(path)
     return 0
 

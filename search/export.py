@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -55,7 +56,7 @@ PICKS = ("knee", "max-acc", "min-degradation")
 PAPER_KNOBS = ("weight_decay", "grad_clip", "dropout", "precision", "layernorm_fp32")
 SCALE_KNOBS = ("lr", "batch_size", "steps", "warmup_steps")  # from the full-scale preset, never the proxy
 CONFIG_PREFIX = "config/"
-DEFAULT_CLUSTER = "cluster/configs/gcp-tpu.rayq.yaml"
+DEFAULT_CLUSTER = "gcp-tpu"  # a shipped cluster file, found by name from any directory
 
 
 # ----------------------------------------------------------------------------- loading a search
@@ -215,19 +216,38 @@ def _recipe_document(run: SearchRun, row: Mapping[str, Any], rank: int, path: Pa
         "launch": {
             "preset": preset,
             "steps": int(preset_steps),
-            "cluster": cluster,
-            "command": f"rayq train --recipe {path} --preset {preset} --cluster {cluster} --out runs/{label}",
+            "cluster": portable_cluster(cluster),
+            "command": launch_command(path, preset, cluster, label),
         },
     }
+
+
+def portable_cluster(cluster: str) -> str:
+    """How a launch command names a cluster file so it works from any directory: a shipped one
+    (or an unchanged copy of it, such as the checkout's cluster/configs/gcp-tpu.rayq.yaml) by its
+    name, found in the installed package; any other file by its absolute path."""
+    shipped = config_io.shipped_cluster_files()
+    p = Path(cluster).expanduser()
+    short = p.name.removesuffix(".yaml").removesuffix(".rayq")
+    if short in shipped and (not p.is_file() or p.read_bytes() == shipped[short].read_bytes()):
+        return short
+    return os.path.abspath(p) if p.is_file() else cluster
+
+
+def launch_command(path: Path, preset: str, cluster: str, label: str) -> str:
+    """The full-scale `rayq train` line of a recipe file, runnable from any directory (the recipe
+    by absolute path, the cluster by `portable_cluster`); `--out` stays relative on purpose: the
+    run lands where the launch happens."""
+    parts = ["rayq", "train", "--recipe", os.path.abspath(path), "--preset", preset,
+             "--cluster", portable_cluster(cluster), "--out", f"runs/{label}"]
+    return shlex.join(parts)
 
 
 def _check_launch(recipe: Mapping[str, Any], preset: str, cluster: str) -> None:
     """Resolve the recipe on the launch preset exactly as `rayq train --recipe` would."""
     values = {f"recipe.{k}": v for k, v in recipe.items()}
-    if Path(cluster).is_file():  # the cluster file lives in the checkout that launches; check it when here
-        from rayq.cluster.commands import cluster_values
-
-        values.update(cluster_values(cluster))
+    if Path(cluster).is_file() or cluster in config_io.shipped_cluster_files():  # check it when it is here
+        values.update(config_io.cluster_values(cluster))
     try:
         config_io.resolve(preset=preset, file_values=values)
     except UserError as exc:
@@ -251,8 +271,10 @@ def _clean_yaml(value: Any) -> Any:
 
 
 def export(search_dir: str | os.PathLike, out_dir: str | os.PathLike, *, top: Optional[int] = None,
-           pick: Optional[str] = None, preset: str = "6b", cluster: str = DEFAULT_CLUSTER) -> list[Path]:
-    """Write one recipe YAML per chosen trial into `out_dir`; return their paths, best first."""
+           pick: Optional[str] = None, preset: str = "6b", cluster: str = DEFAULT_CLUSTER,
+           force: bool = False) -> list[Path]:
+    """Write one recipe YAML per chosen trial into `out_dir`; return their paths, best first.
+    An existing recipe file (perhaps edited by hand) is never overwritten unless `force`."""
     run = SearchRun(search_dir)
     chosen = choose(run.completed, run.objectives, top=top, pick=pick)
     preset_steps = config_io.resolve(preset=preset).recipe.steps  # also checks the preset name
@@ -266,6 +288,13 @@ def export(search_dir: str | os.PathLike, out_dir: str | os.PathLike, *, top: Op
         doc = _recipe_document(run, row, rank, path, preset=preset, preset_steps=preset_steps, cluster=cluster)
         _check_launch(doc["recipe"], preset, cluster)
         docs.append((path, doc))
+    existing = [str(p) for p, _ in docs if p.exists()]
+    if existing and not force:
+        raise UserError(f"{existing[0]}: exists" + (f" (and {len(existing) - 1} more)" if len(existing) > 1 else "")
+                        + "; refusing to overwrite a recipe file (it may be edited by hand): "
+                        "use --force or another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a directory")
     for path, doc in docs:  # written only once every chosen recipe has validated
         header = (f"# rayq export of trial {doc['trial_id']} (Pareto rank {doc['pareto_rank']}).\n"
                   f"# Run at full scale: {doc['launch']['command']}\n"

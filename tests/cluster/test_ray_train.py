@@ -123,3 +123,20 @@ def test_train_honours_eval_placement_task(ray_local, tiny_setup, tmp_path):
     assert evaluated == [3, 6] == [r["step"] for r in rows if "checkpoint_path" in r]
     assert all("eval/node_id" in r for r in rows if r["step"] in (3, 6))  # scored by the task, not the loop
     assert last["step"] == 6 and "fp/acc" in last and last["checkpoint_path"] == rows[-1]["checkpoint_path"]
+
+
+def test_rank0_progress_reaches_the_terminal_with_workers(ray_local, tiny_setup, tmp_path, capsys):
+    """`rayq train --workers N`: the driver prints one progress line per rank-0 report (the
+    workers' own logs stay off the driver), says what it does before Ray starts, and the run
+    directory carries the tokenizer."""
+    from rayq.cluster.trainer import fit
+
+    base, _ = tiny_setup
+    cfg = config_io.with_values(base, {"recipe.steps": 4, "train.checkpoint_every": 4, "train.log_every": 2,
+                                       "cluster.workers": 1, "cluster.cpus_per_worker": 0.5})
+    capsys.readouterr()
+    fit(cfg, tmp_path / "run")
+    err = capsys.readouterr().err
+    assert "rayq train: data: " in err and "starting Ray" in err
+    assert "step 2/4 · loss " in err and "step 4/4 · loss " in err
+    assert (tmp_path / "run" / "tokenizer.model").is_file()

@@ -101,3 +101,63 @@ def test_analyze_writes_json_and_plots(ckpt, tmp_path, capsys):
 def test_analyze_needs_heldout_text(ckpt, tmp_path):
     with pytest.raises(UserError, match="needs held-out text"):
         analyze([str(ckpt), "--out", str(tmp_path), "--tokenizer", str(ckpt / "tok.model")])
+
+
+def _copy_checkpoint(ckpt, tmp_path):
+    import shutil
+
+    dest = tmp_path / "step_300"
+    shutil.copytree(ckpt / "checkpoints" / "step_300", dest)
+    return dest
+
+
+def test_damaged_checkpoints_are_one_line_exit_2(ckpt, tmp_path, capsys):
+    import torch
+
+    from rayq import cli
+
+    binary = _copy_checkpoint(ckpt, tmp_path / "a")
+    (binary / "config.yaml").write_bytes(b"\x80\x04\x95\x00\xff\xfe binary")
+    tensor = _copy_checkpoint(ckpt, tmp_path / "b")
+    torch.save(torch.zeros(3), tensor / "model.pt")  # a tensor where the state dict belongs
+    trainer = _copy_checkpoint(ckpt, tmp_path / "c")
+    torch.save(torch.zeros(3), trainer / "trainer.pt")
+    cases = [([str(binary)], "config.yaml: not a UTF-8 text file"),
+             ([str(tensor)], "model.pt: expected a state dict of tensors, found Tensor"),
+             ([str(trainer)], "trainer.pt: expected a dict, found Tensor")]
+    if not torch.cuda.is_available():
+        cases.append(([str(ckpt), "--device", "cuda"], "CUDA is not available"))
+    for argv, message in cases:
+        assert cli.main(["eval", *argv, *_data_args(ckpt)]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_eval_output_path_and_limit(ckpt, tmp_path, capsys):
+    out = tmp_path / "results" / "eval.json"
+    assert eval_([str(ckpt), "--limit", "5", "--output-path", str(out), "--bootstrap", "20", *_data_args(ckpt)]) == 0
+    assert "eval.json" in capsys.readouterr().err
+    text = out.read_text()
+    assert "NaN" not in text  # strict JSON
+    doc = json.loads(text)
+    assert doc["step"] == 300 and doc["limit"] == 5
+    assert all(t["n"] <= 5 for t in doc["fp"].values())
+    (tmp_path / "dir").mkdir()
+    assert eval_([str(ckpt), "--limit", "2", "--schemes", "", "--output-path", str(tmp_path / "dir"), *_data_args(ckpt)]) == 0
+    assert json.loads((tmp_path / "dir" / "eval_step_300.json").read_text())["limit"] == 2
+    with pytest.raises(UserError, match="--limit 0"):
+        eval_([str(ckpt), "--limit", "0", *_data_args(ckpt)])
+
+
+def test_eval_uses_the_tokenizer_the_run_carries(ckpt, tmp_path, capsys):
+    """On a machine without the prepared data, the run's tokenizer.model is used."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ckpt / "checkpoints", run / "checkpoints")
+    shutil.copy(ckpt / "tok.model", run / "tokenizer.model")
+    argv = [str(run), "--tasks", "piqa", "--task-path", f"piqa={FIXTURES / 'piqa' / 'valid.jsonl'}",
+            "--schemes", "", "--limit", "4", "--json", "--set", f"data.sources=[{tmp_path}/missing/*.txt]"]
+    assert eval_(argv) == 0
+    out, err = capsys.readouterr()
+    assert "tokenizer.model" in err and json.loads(out)["fp"]["piqa"]["n"] <= 4

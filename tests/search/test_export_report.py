@@ -105,7 +105,7 @@ def test_exported_file_contents_and_full_scale_resolve(tmp_path):
     six = config_io.resolve("6b")
     assert doc["launch"]["preset"] == "6b" and doc["launch"]["steps"] == six.recipe.steps
     assert doc["launch"]["command"] == (f"rayq train --recipe {path} --preset 6b --cluster "
-                                        f"cluster/configs/gcp-tpu.rayq.yaml --out runs/{doc['label']}")
+                                        f"gcp-tpu --out runs/{doc['label']}")
     # what `rayq train --recipe FILE --preset 6b` does with it
     full = config_io.resolve("6b", file_values=recipe_values(str(path)))
     assert full.recipe.weight_decay == 0.01 and full.recipe.grad_clip is None and full.recipe.layernorm_fp32 is False
@@ -192,3 +192,42 @@ def test_modules_do_not_import_ray():
 
     code = "import sys, rayq.search.export, rayq.search.report, rayq.search.plots; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_export_refuses_to_overwrite_a_recipe_file_unless_forced(tmp_path, capsys):
+    from rayq.cli import main
+
+    d = make_search(tmp_path)
+    (path,) = export(d, tmp_path / "out", pick="knee")
+    path.write_text(path.read_text() + "# tuned by hand\n")
+    with pytest.raises(UserError, match="refusing to overwrite.*--force"):
+        export(d, tmp_path / "out", pick="knee")
+    assert path.read_text().endswith("# tuned by hand\n")  # untouched
+    assert main(["export", str(d), "--out", str(tmp_path / "out"), "--pick", "knee"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert main(["export", str(d), "--out", str(tmp_path / "out"), "--pick", "knee", "--force"]) == 0
+    assert not path.read_text().endswith("# tuned by hand\n")
+
+
+def test_launch_command_works_from_any_directory(tmp_path, monkeypatch):
+    """The exported command names the recipe by absolute path and the cluster by its shipped name,
+    so it resolves from another directory (a relative --out at export time included)."""
+    import shlex
+
+    from rayq.commands import add_config_args, config_from_args, make_parser, parse_args
+
+    d = make_search(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (path,) = export(d, "recipes", pick="knee", cluster="gcp-tpu")
+    doc = yaml.safe_load(path.read_text())
+    argv = shlex.split(doc["launch"]["command"])
+    assert argv[:2] == ["rayq", "train"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    parser = make_parser("rayq train")
+    add_config_args(parser)
+    parser.add_argument("--out")
+    cfg = config_from_args(parse_args(parser, argv[2:]))
+    assert cfg.recipe.weight_decay == 0.01 and cfg.model == config_io.resolve("6b").model
+    assert cfg.cluster == config_io.resolve("6b", file_values=config_io.cluster_values("gcp-tpu")).cluster
