@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-TOKENIZER_FILE = "tokenizer.model"
 
 _CLASS: dict[str, type] = {}
 MODEL_NAME = "rayq"
@@ -156,7 +155,7 @@ def _load_checkpoint(path: str, tokenizer: Any, device: Optional[str]):
 
     loaded = ckpt_io.load_model(path, device or "auto")
     cfg = loaded.config
-    carried = Path(loaded.path).parent.parent / TOKENIZER_FILE  # a run dir carries its tokenizer
+    carried = Path(loaded.path).parent.parent / data_io.RUN_TOKENIZER  # a run dir carries its tokenizer
     if tokenizer is None and carried.is_file():
         tokenizer = str(carried)
     if tokenizer is None:
