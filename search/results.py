@@ -119,7 +119,7 @@ def trial_status(rows: Sequence[dict], decisions: Sequence[dict], total_steps: i
             status, stopped_at = "diverged", None
         elif decision is not None:
             status, stopped_at = "stopped", decision.get("milestone")
-        elif (last.get("step") or 0) >= total_steps:
+        elif (last.get("step") or 0) >= (last.get("config/recipe.steps") or total_steps):  # a searched steps is its own
             status, stopped_at = "completed", None
         else:
             status, stopped_at = "incomplete", None

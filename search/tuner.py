@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
@@ -162,38 +162,127 @@ def _evaluate_elsewhere(cfg: Config, per_seed: list[dict], checkpoints: dict[int
     return [{**m, **e} for m, e in zip(per_seed, extra)]
 
 
-def make_searcher(cfg: Config, objectives: list) -> Optional[Any]:
-    """Optuna through Ray Tune for nsga2/tpe/gp; None (Tune's variant generator) for grid/random."""
+def make_searcher(cfg: Config, objectives: list, constraints: Sequence[Any] = ()) -> Optional[Any]:
+    """Optuna through Ray Tune for nsga2/tpe/gp; None (Tune's variant generator) for grid/random.
+
+    Every sampler gets `constraints_func` (see `RecipeOptunaSearch`): hard limits and early
+    stops reach Optuna as infeasible trials, never as value-less PRUNED ones.
+    """
     s = cfg.search
     if s.searcher in ("grid", "random"):
         return None
     import optuna
 
+    cf = constraint_values
     samplers = {
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, s.max_concurrent * 2)),
-        "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, multivariate=True, n_startup_trials=4),
-        "gp": lambda: optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=4),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, s.max_concurrent * 2),
+                                                      constraints_func=cf),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, multivariate=True, n_startup_trials=4,
+                                                  constraints_func=cf),
+        "gp": lambda: optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=4, constraints_func=cf),
     }
-    return CompletedOnlyOptunaSearch(
-        total_steps=cfg.recipe.steps,
+    return RecipeOptunaSearch(
+        total_steps=cfg.recipe.steps, constraints=list(constraints),
         metric=[o.name for o in objectives], mode=[o.direction.tune for o in objectives],
         sampler=samplers[s.searcher](), seed=s.seed)
 
 
-class CompletedOnlyOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna PRUNED for trials that did not finish their steps.
+_CONSTRAINTS_ATTR = "rayq_constraints"
 
-    Ray tells the searcher COMPLETE with the last values of an early-stopped trial; those partial
-    objectives would then sit in Optuna's front beside finished recipes and steer its sampler.
+
+def constraint_values(trial: Any) -> Sequence[float]:
+    """Optuna's `constraints_func`: the values `RecipeOptunaSearch` stored (<= 0 is feasible)."""
+    return trial.user_attrs.get(_CONSTRAINTS_ATTR, (0.0,))
+
+
+class RecipeOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna what a trial's end means for the sampler.
+
+    Ray tells the searcher COMPLETE with the last values of every trial, stopped early or not.
+    Told as PRUNED (no values) instead, NSGA-II never counts stopped trials toward a generation
+    (a search where most trials are stopped stays in its random first generation) and TPE files
+    value-less multi-objective trials in its good group while few trials completed. So every
+    trial with finite values is told COMPLETE, with `constraints_func` values (<= 0 feasible):
+    one per hard limit (the amount by which the final value misses the bound) and one for "did
+    not finish its own `recipe.steps`" (1 when stopped early). Optuna's constrained domination
+    then ranks every early-stopped or limit-violating trial below every feasible one: NSGA-II's
+    generations fill, and TPE's good group holds only finished, feasible recipes. Diverged
+    trials and errors are FAIL. A searched `recipe.steps` is judged against the trial's own value.
     """
 
-    def __init__(self, *args, total_steps: int, **kwargs):
+    def __init__(self, *args, total_steps: int, constraints: Sequence[Any] = (), **kwargs):
         super().__init__(*args, **kwargs)
-        self.total_steps = total_steps
+        self.total_steps = int(total_steps)
+        self.constraints = list(constraints)
+        self._trial_steps: dict[str, int] = {}
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):
+            self._trial_steps[trial_id] = int(recipe_values(config).get("recipe.steps", self.total_steps))
+        return config
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
-        finished = bool(result) and not result.get("diverged") and result.get("step", 0) >= self.total_steps
-        super().on_trial_complete(trial_id, result if finished else None, error)
+        ot_trial = self._ot_trials.get(trial_id)
+        values = [_as_float((result or {}).get(m)) for m in self.metric] if result else []
+        usable = bool(values) and not error and not (result or {}).get("diverged") \
+            and all(math.isfinite(v) for v in values)
+        if not usable:
+            super().on_trial_complete(trial_id, None, error=True)  # FAIL: no sampler learns from it
+            return
+        steps = self._trial_steps.get(trial_id, self.total_steps)
+        if ot_trial is not None:
+            ot_trial.set_user_attr(_CONSTRAINTS_ATTR, trial_constraints(result, self.constraints, steps))
+        super().on_trial_complete(trial_id, result, error=False)
+
+
+def trial_constraints(result: dict, constraints: Sequence[Any], total_steps: int) -> list[float]:
+    """Optuna constraint values of a finished trial: per hard limit, how far the value misses the
+    bound (<= 0 feasible; a missing value misses by 1); then 1 if it stopped before its steps."""
+    out = []
+    for c in constraints:
+        v = _as_float(result.get(c.name))
+        out.append(1.0 if not math.isfinite(v) else (c.value - v if c.op == ">=" else v - c.value))
+    out.append(0.0 if _as_float(result.get("step")) >= total_steps else 1.0)
+    return out
+
+
+def _as_float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def make_scheduler(cfg: Config, objectives: list, constraints: Sequence[Any]) -> Any:
+    """The search's `MilestoneScheduler` from `search.*`, its state file relative to the search dir.
+
+    Milestones must be evaluation steps (a milestone between evaluations would be judged on the
+    previous evaluation's values, or on none).
+    """
+    from rayq.search.scheduler import MilestoneScheduler
+
+    s, every = cfg.search, cfg.train.eval_every
+    known = {o.name for o in objectives} | {c.name for c in constraints}
+    stray = sorted(set(s.noise_prior) - known)
+    if stray:
+        raise UserError(f"search.noise_prior: {stray[0]!r} is neither an objective nor a constraint metric "
+                        f"(known: {', '.join(sorted(known))})")
+    bad = [m for m in s.milestones if every == 0 or m % every]
+    if bad:
+        raise UserError(f"search.milestones: {bad[0]} is not an evaluation step; expected multiples of "
+                        f"train.eval_every={every}" if every else
+                        "search.milestones: train.eval_every is 0 (evaluation only at the end); expected "
+                        "eval_every > 0 dividing every milestone")
+    if s.rule == "dominance" and s.seeds_per_recipe < 2:
+        missing = [o.name for o in objectives if o.name not in s.noise_prior]
+        if missing:  # legal (recipes still stop on divergence and hard limits), but say so up front
+            print(f"rayq search: rule dominance has no noise estimate for {missing[0]!r} (seeds_per_recipe=1, "
+                  f"no search.noise_prior): no recipe will be stopped as dominated; set search.noise_prior "
+                  f"or search.seeds_per_recipe >= 2", file=sys.stderr)
+    return MilestoneScheduler(objectives, s.milestones, s.eta, hard_limits=constraints, rule=s.rule,
+                              stop_confidence=s.stop_confidence, eval_every=every,
+                              noise_prior=s.noise_prior, state_path=results_io.SCHEDULER_STATE)
 
 
 class ResultsWriter(Callback):
@@ -262,7 +351,7 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> Sea
 
     from rayq import data as data_io
     from rayq.cluster.trainer import connect
-    from rayq.search.scheduler import MilestoneScheduler
+    from rayq.search.scheduler import state_dir
     from rayq.search.space import validate_search
 
     out_dir = Path(out_dir).resolve()
@@ -272,8 +361,14 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> Sea
     tune_dir = f"{storage_for(cfg, out_dir)}/tune"
     if not resume and (out_dir / results_io.RESULTS).exists():
         raise UserError(f"{out_dir}: holds a search already; pass --resume to continue it, or a new --out")
+    if resume and ray.tune.Tuner.can_restore(tune_dir) and not (out_dir / results_io.SCHEDULER_STATE).exists():
+        raise UserError(f"{out_dir / results_io.SCHEDULER_STATE}: missing; without it the scheduler would resume "
+                        f"with no memory of its decisions (restore the file, or start a new --out)")
+    with state_dir(out_dir):
+        scheduler = _scheduler_or_refuse(cfg, objectives, checked.constraints, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config_io.save(cfg, out_dir / "config.yaml")
+    if not (out_dir / "config.yaml").exists():  # a resumed search keeps the config it started with
+        config_io.save(cfg, out_dir / "config.yaml")
     data = data_io.prepare(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True))  # once
     connect(cfg.cluster.address)
 
@@ -282,19 +377,20 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> Sea
                                  objectives=names, data_dir=str(data.root)),
         {"CPU": cfg.search.trial_cpus})
     if resume and ray.tune.Tuner.can_restore(tune_dir):
-        tuner = ray.tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # the scheduler in tuner.pkl resolves its relative state path against this directory
+        # (the search may have moved) and reloads the state file there
+        with state_dir(out_dir):
+            tuner = ray.tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True,
+                                           resume_errored=True)
     else:
         if resume:
             print(f"rayq search: nothing to resume in {tune_dir}; starting the search", file=sys.stderr)
-        scheduler = MilestoneScheduler(objectives, cfg.search.milestones, cfg.search.eta,
-                                       hard_limits=checked.constraints,
-                                       state_path=str(out_dir / results_io.SCHEDULER_STATE))
         grid = cfg.search.searcher == "grid"
         tuner = ray.tune.Tuner(
             trainable,
             param_space=checked.space.to_tune(),
             tune_config=ray.tune.TuneConfig(
-                search_alg=make_searcher(cfg, objectives), scheduler=scheduler,
+                search_alg=make_searcher(cfg, objectives, checked.constraints), scheduler=scheduler,
                 num_samples=1 if grid else cfg.search.num_samples,
                 max_concurrent_trials=cfg.search.max_concurrent),
             run_config=ray.tune.RunConfig(
@@ -305,6 +401,15 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> Sea
                                               max_report_frequency=30)))
     tuner.fit()
     return finish(cfg, out_dir, objectives, checked.constraints)
+
+
+def _scheduler_or_refuse(cfg: Config, objectives: list, constraints: Sequence[Any], out_dir: Path) -> Any:
+    """Build the scheduler; a saved state of other settings (milestones, eta, rule, ...) is refused
+    in one line, so a resumed search never continues under different rules."""
+    try:
+        return make_scheduler(cfg, objectives, constraints)
+    except ValueError as exc:
+        raise UserError(f"{out_dir / results_io.SCHEDULER_STATE}: {exc}") from None
 
 
 def finish(cfg: Config, out_dir: Path, objectives: list, constraints: list) -> SearchOutcome:
