@@ -18,9 +18,10 @@ between compute and the risk of losing a good recipe.
 Where σ comes from, in this order (the decision records which):
 1. `replicates@S`: seeds of a recipe at step S — several trials sharing a `recipe_id`, and/or a
    trial that trains `seeds` seeds itself and reports `<objective>_seed_se` (rayq's trial driver);
-2. `carried@S'`: the latest earlier step S' that had replicates (e.g. a replicate pilot that ran
-   only to the first milestone);
-3. `prior`: a configured between-seed sd per objective (`search.noise_prior`);
+2. `prior`: a configured between-seed sd per objective (`search.noise_prior`), meant as the
+   spread of the final values;
+3. `carried@S'`: without a prior, the latest earlier step S' that had replicates (e.g. a
+   replicate pilot that ran only to the first milestone);
 4. none: no recipe is stopped on dominance (a recipe without any noise estimate is never judged
    "beyond noise").
 
@@ -161,7 +162,7 @@ def mean_interval(mean: float, sd: float, n: int, confidence: float = 0.95,
 def noise_for(step: int, by_step: Mapping[int, tuple[tuple[float, ...], tuple[int, ...]]],
               prior: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...], Optional[str]]:
     """(σ, df, source) per objective at `step` (see the module docstring), objective by objective:
-    replicates at the step, else carried from the latest earlier step, else the prior (df inf)."""
+    replicates at the step, else the prior (df inf), else carried from the latest earlier step."""
     n_obj = len(prior)
     out, dfs, sources = [], [], set()
     earlier = sorted((s for s in by_step if s <= step), reverse=True)
@@ -169,7 +170,7 @@ def noise_for(step: int, by_step: Mapping[int, tuple[tuple[float, ...], tuple[in
         got = None
         for s in earlier:
             sd, df = by_step[s]
-            if df[k] > 0 and math.isfinite(sd[k]):
+            if df[k] > 0 and math.isfinite(sd[k]) and (s == step or not math.isfinite(prior[k])):
                 got = (sd[k], float(df[k]), f"replicates@{s}" if s == step else f"carried@{s}")
                 break
         if got is None and math.isfinite(prior[k]):

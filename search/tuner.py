@@ -165,21 +165,18 @@ def _evaluate_elsewhere(cfg: Config, per_seed: list[dict], checkpoints: dict[int
 def make_searcher(cfg: Config, objectives: list, constraints: Sequence[Any] = ()) -> Optional[Any]:
     """Optuna through Ray Tune for nsga2/tpe/gp; None (Tune's variant generator) for grid/random.
 
-    Every sampler gets `constraints_func` (see `RecipeOptunaSearch`): hard limits and early
-    stops reach Optuna as infeasible trials, never as value-less PRUNED ones.
+    Hard limits and early stops reach every sampler as infeasible trials (`Trial.set_constraint`,
+    see `RecipeOptunaSearch`), never as value-less PRUNED ones.
     """
     s = cfg.search
     if s.searcher in ("grid", "random"):
         return None
     import optuna
 
-    cf = constraint_values
     samplers = {
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, s.max_concurrent * 2),
-                                                      constraints_func=cf),
-        "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, multivariate=True, n_startup_trials=4,
-                                                  constraints_func=cf),
-        "gp": lambda: optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=4, constraints_func=cf),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, s.max_concurrent * 2)),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, multivariate=True, n_startup_trials=4),
+        "gp": lambda: optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=4),
     }
     return RecipeOptunaSearch(
         total_steps=cfg.recipe.steps, constraints=list(constraints),
@@ -187,12 +184,7 @@ def make_searcher(cfg: Config, objectives: list, constraints: Sequence[Any] = ()
         sampler=samplers[s.searcher](), seed=s.seed)
 
 
-_CONSTRAINTS_ATTR = "rayq_constraints"
-
-
-def constraint_values(trial: Any) -> Sequence[float]:
-    """Optuna's `constraints_func`: the values `RecipeOptunaSearch` stored (<= 0 is feasible)."""
-    return trial.user_attrs.get(_CONSTRAINTS_ATTR, (0.0,))
+FINISHED = "finished"  # the constraint "ran its own recipe.steps" (1 = stopped early)
 
 
 class RecipeOptunaSearch(OptunaSearch):
@@ -202,12 +194,12 @@ class RecipeOptunaSearch(OptunaSearch):
     Told as PRUNED (no values) instead, NSGA-II never counts stopped trials toward a generation
     (a search where most trials are stopped stays in its random first generation) and TPE files
     value-less multi-objective trials in its good group while few trials completed. So every
-    trial with finite values is told COMPLETE, with `constraints_func` values (<= 0 feasible):
-    one per hard limit (the amount by which the final value misses the bound) and one for "did
-    not finish its own `recipe.steps`" (1 when stopped early). Optuna's constrained domination
-    then ranks every early-stopped or limit-violating trial below every feasible one: NSGA-II's
-    generations fill, and TPE's good group holds only finished, feasible recipes. Diverged
-    trials and errors are FAIL. A searched `recipe.steps` is judged against the trial's own value.
+    trial with finite values is told COMPLETE with constraint values (`Trial.set_constraint`,
+    <= 0 feasible): one per hard limit (by how much the final value misses the bound) and
+    `finished` (1 when the trial stopped before its own `recipe.steps`, searched or not).
+    Optuna's constrained domination then ranks every early-stopped or limit-violating trial
+    below every feasible one: NSGA-II's generations fill, and TPE's good group holds only
+    finished, feasible recipes. Diverged trials and errors are FAIL.
     """
 
     def __init__(self, *args, total_steps: int, constraints: Sequence[Any] = (), **kwargs):
@@ -230,20 +222,22 @@ class RecipeOptunaSearch(OptunaSearch):
         if not usable:
             super().on_trial_complete(trial_id, None, error=True)  # FAIL: no sampler learns from it
             return
-        steps = self._trial_steps.get(trial_id, self.total_steps)
-        if ot_trial is not None:
-            ot_trial.set_user_attr(_CONSTRAINTS_ATTR, trial_constraints(result, self.constraints, steps))
+        if ot_trial is not None and trial_id not in self._completed_trials:
+            steps = self._trial_steps.get(trial_id, self.total_steps)
+            for key, value in trial_constraints(result, self.constraints, steps).items():
+                ot_trial.set_constraint(key, value)
         super().on_trial_complete(trial_id, result, error=False)
 
 
-def trial_constraints(result: dict, constraints: Sequence[Any], total_steps: int) -> list[float]:
-    """Optuna constraint values of a finished trial: per hard limit, how far the value misses the
-    bound (<= 0 feasible; a missing value misses by 1); then 1 if it stopped before its steps."""
-    out = []
+def trial_constraints(result: dict, constraints: Sequence[Any], total_steps: int) -> dict[str, float]:
+    """Optuna constraint values of a trial (<= 0 feasible): per hard limit (keyed by its text),
+    how far the value misses the bound (a missing value misses by 1); `finished`: 1 if the
+    trial stopped before its steps."""
+    out = {}
     for c in constraints:
         v = _as_float(result.get(c.name))
-        out.append(1.0 if not math.isfinite(v) else (c.value - v if c.op == ">=" else v - c.value))
-    out.append(0.0 if _as_float(result.get("step")) >= total_steps else 1.0)
+        out[str(c)] = 1.0 if not math.isfinite(v) else (c.value - v if c.op == ">=" else v - c.value)
+    out[FINISHED] = 0.0 if _as_float(result.get("step")) >= total_steps else 1.0
     return out
 
 
