@@ -19,7 +19,7 @@ Searches of one seed see the same curves under every strategy (common random num
 Offline output: `strategies` (each at its default dial), `curves` (each strategy over its dial:
 p for dominance, η for the ASHA family), `noise_sweep` (0.25x-2x the simulator's noise),
 `late_reranking` (a third of the recipes' degradation jumps during the LR decay),
-`equal_compute` (dominance at the largest p whose compute does not exceed each baseline's) and
+`equal_compute` (the dominance curve interpolated at each baseline's own compute) and
 `targets`. `--plot FILE` draws compute vs knee recovery and HV regret (PNG).
 """
 
@@ -115,9 +115,10 @@ def _offline(strategy, seeds, *, noise: float, late: bool = False, per_search: i
                       for s in seeds])
 
 
-def _defaults(families: Sequence[str], p: float, eta: float) -> list:
+def _defaults(families: Sequence[str], p: float, eta: float, weights: Sequence[float] = ()) -> list:
     from rayq.search.offline import WEIGHTS, Strategy
 
+    weights = weights or WEIGHTS
     out = []
     for f in families:
         if f in ("dominance", "dominance-pilot"):
@@ -125,7 +126,7 @@ def _defaults(families: Sequence[str], p: float, eta: float) -> list:
         elif f == "moasha":
             out.append(Strategy(f, eta))
         elif f == "weighted-asha":
-            out += [Strategy(f, eta, w) for w in WEIGHTS]
+            out += [Strategy(f, eta, w) for w in weights]
         else:
             out.append(Strategy(f))
     return out
@@ -158,7 +159,7 @@ def run_offline_bench(families: Sequence[str], seeds: Sequence[int], *, p: float
         out["curves"][s.name] = [
             {"dial": d, **(out["strategies"][s.name] if d == s.dial else one(offline.Strategy(s.family, d, s.weight)))}
             for d in dials]
-    sweep = [s for s in points if s.family in ("dominance", "moasha", "no-stopping")
+    sweep = [s for s in points if s.family in ("dominance", "dominance-pilot", "moasha", "no-stopping")
              or (s.family == "weighted-asha" and s.weight == 1.0)]
     for scale in NOISE_SCALES:
         out["noise_sweep"][f"{scale:g}"] = {
@@ -170,20 +171,28 @@ def run_offline_bench(families: Sequence[str], seeds: Sequence[int], *, p: float
 
 
 def _equal_compute(out: dict) -> dict:
-    """Dominance at the largest swept p whose compute is at most each baseline's, side by side."""
-    curve = out["curves"].get("dominance", [])
+    """Dominance at each baseline's own compute: the dominance curve (over p) interpolated
+    linearly in compute at the baseline's compute, beside the baseline."""
+    curve = sorted(out["curves"].get("dominance", []), key=lambda c: c["compute_fraction"])
     res = {}
     for name, base in out["strategies"].items():
         if name.startswith("dominance") or name == "no-stopping":
             continue
-        fits = [c for c in curve if c["compute_fraction"] <= base["compute_fraction"]]
-        if not fits:
-            res[name] = {"baseline": _brief(base), "dominance": None}
+        x = base["compute_fraction"]
+        lo = [c for c in curve if c["compute_fraction"] <= x]
+        hi = [c for c in curve if c["compute_fraction"] >= x]
+        if not lo or not hi:
+            res[name] = {"baseline": _brief(base), "dominance": None,
+                         "note": "baseline compute outside the swept dominance curve"}
             continue
-        best = max(fits, key=lambda c: c["compute_fraction"])
-        res[name] = {"baseline": _brief(base), "dominance": {"p": best["dial"], **_brief(best)},
-                     "no_worse_knee": best["recovered_knee"] >= base["recovered_knee"],
-                     "no_worse_hv_regret": best["hv_regret"] <= base["hv_regret"]}
+        a, b = lo[-1], hi[0]
+        span = b["compute_fraction"] - a["compute_fraction"]
+        t = 0.0 if span <= 0 else (x - a["compute_fraction"]) / span
+        at = {k: round(a[k] + t * (b[k] - a[k]), 4) for k in ("recovered_knee", "hv_regret", "pick_truly_pareto")}
+        res[name] = {"baseline": _brief(base),
+                     "dominance": {"compute_fraction": x, **at, "between_p": [a["dial"], b["dial"]]},
+                     "no_worse_knee": at["recovered_knee"] >= base["recovered_knee"],
+                     "no_worse_hv_regret": at["hv_regret"] <= base["hv_regret"]}
     return res
 
 
@@ -302,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         import ray
 
-        points = _defaults(families, args.p, args.eta)
+        points = _defaults(families, args.p, args.eta, (1.0,) if args.quick else ())
         with _stdout_to_stderr():  # Tune and raylet print banners on stdout: keep it JSON only
             outcomes, info = sim.run_tune(points, seeds, per_search=args.per_search, noise=args.noise)
         result["strategies"] = {s.name: {"dial": s.dial, **summarise([o for o in outcomes if o.strategy == s.label])}

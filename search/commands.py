@@ -27,7 +27,7 @@ def search(argv: Sequence[str]) -> int:
     from rayq.config import resolve, with_values
 
     parser = make_parser("rayq search", "Multi-objective recipe search on Ray Tune: maximize FP accuracy, "
-                         "minimize PTQ degradation; bad recipes stop early at milestones.")
+                         "minimize PTQ degradation; a recipe stops early once another dominates it beyond seed noise.")
     add_config_args(parser)
     parser.add_argument("--out", required=True, help="search directory (results.parquet, pareto.csv, ...)")
     parser.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
