@@ -16,7 +16,8 @@ result, in this order:
    `dominance` (default; `stopping.py` has the statistics): every report at an evaluation step
    (a multiple of `eval_every`, or every report when it is 0) is recorded for the trial's recipe.
    From the first milestone on, and before `max_t`, the recipe is compared with EVERY other
-   recipe recorded so far, live or stopped, at the latest evaluation step both have reached;
+   recipe recorded so far, live or stopped (except diverged or limit-violating ones, which can
+   never be on the front), at the latest evaluation step both have reached;
    it is stopped iff some recipe j dominates it beyond noise, P(j ≻ i) ≥ `stop_confidence`.
    No quota: the measured first front is never cut for lack of slots. Each running recipe is
    re-checked at each of its results, so a recipe that arrives late at a step can stop one that
@@ -310,7 +311,9 @@ class MilestoneScheduler(FIFOScheduler):
         n_obj = len(self.objectives)
         signs = [o.direction.sign * -1 for o in self.objectives]  # +1 = larger is better
         best_p, best_j, best_s, best_src, compared = 0.0, None, None, None, 0
-        others = {r for s in mine for r in self._evals[s] if r != rid}
+        # a diverged or limit-violating recipe can never be on the front, so it stops nobody
+        barred = {r for r, d in self._recipe_stopped.items() if d.kind in ("diverged", "hard_limit")}
+        others = sorted({r for s in mine for r in self._evals[s] if r != rid and r not in barred})
         for j in others:
             s = next(s for s in mine if j in self._evals[s])  # the latest step both reached
             mi, mj = self._summary(s, rid), self._summary(s, j)

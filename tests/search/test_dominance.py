@@ -180,3 +180,11 @@ def test_state_round_trip_and_bad_settings(tmp_path):
         MilestoneScheduler(OBJ, [100], rule="hyperband")
     with pytest.raises(ValueError, match="stop_confidence"):
         dom(stop_confidence=0.3)
+
+
+def test_a_diverged_recipe_stops_nobody():
+    s = dom(milestones=[100], eval_every=100)
+    feed(s, [(T("a"), R(100, 0.9, 0.1)), (T("a"), {"step": 150, "train/loss": float("nan")})])
+    assert s.stopped_trials()["a"].kind == "diverged"
+    assert s.on_trial_result(None, T("b"), R(100, 0.2, 0.9)) == "CONTINUE"
+    assert s.on_trial_result(None, T("c"), R(100, -0.3, 1.4)) == "STOP"  # b, a live recipe, still can
