@@ -3,7 +3,8 @@
 Multi-objective schedulers are judged on many searches, which real 6B training cannot afford
 (Syne Tune's simulator backend replays tabulated curves for the same reason). Here a Tune
 *function trainable* with no model reports, every 5000 "steps" of a 75000-step run, the metrics a
-real trial reports; there is no sleeping (virtual time: one report per Tune round trip).
+real trial reports; there is no sleeping (virtual time: one report per Tune round trip). The
+same curves drive the Ray-free lockstep loop of `offline.py`, the benchmark's figure.
 
 Calibration (Ahmadian et al. 2023, Table A.3, `PAPER_A3` below; the 13 rows are 11 recipes):
 - final FP accuracy (average over the 8 tasks) and final degradation (the "Average % Diff"
