@@ -95,7 +95,8 @@ class Decision:
     action: str  # "CONTINUE" or "STOP"
     kind: str  # "milestone" | "dominated" | "diverged" | "hard_limit" | "recipe_stopped" | "error"
     step: int  # the trial's step when decided
-    milestone: Optional[int]  # rung of a milestone decision; for other stops the last milestone passed
+    milestone: Optional[int]  # rung of a milestone decision; the evaluation step compared at for a
+    # dominated stop; for other stops the last milestone passed
     reason: str  # one human-readable line
     position: Optional[int] = None  # 1-based rank position at the rung (moasha)
     rung_size: Optional[int] = None  # recipes recorded at the rung (including this one)
@@ -330,7 +331,7 @@ class MilestoneScheduler(FIFOScheduler):
             reason = (f"step {best_s}: recipe {rid} ({vals}) dominated by recipe {best_j} "
                       f"({self._describe(self._summary(best_s, best_j))}) with P={best_p:.3f} >= "
                       f"{self.stop_confidence:g} (sigma from {best_src})")
-            self._stop(tid, rid, "dominated", step, self._passed(step), reason, rung_size=compared + 1,
+            self._stop(tid, rid, "dominated", step, best_s, reason, rung_size=compared + 1,
                        dominator=best_j, p_dominated=round(best_p, 6), noise_source=best_src)
             return STOP
         if at_milestone:

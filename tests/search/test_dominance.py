@@ -84,7 +84,7 @@ def test_a_late_arrival_stops_an_earlier_recipe_at_its_next_result():
     # a is past step 100; it is re-checked against b at the latest step both reached (100)
     assert s.on_trial_result(None, T("a"), R(300, 0.65, 0.5)) == "STOP"
     d = s.stopped_trials()["a"]
-    assert d.dominator == "b" and "step 100" in d.reason
+    assert d.dominator == "b" and "step 100" in d.reason and (d.step, d.milestone) == (300, 100)
 
 
 def test_grace_period_max_t_and_non_evaluation_steps():
