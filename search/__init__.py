@@ -1,4 +1,4 @@
-"""rayq.search: which recipes to try (search space, objectives, Pareto ranking, milestone
+"""rayq.search: which recipes to try (search space, objectives, Pareto ranking, noise-aware
 early stopping, the search simulator).
 
 Importing this package is light: it never imports ray. Names are resolved lazily on first
@@ -39,6 +39,9 @@ _EXPORTS = {
     "pareto_front": "pareto",
     "select_top": "pareto",
     "ranks_of": "pareto",
+    "hypervolume_2d": "pareto",
+    # stopping.py (the dominance rule's statistics; no ray)
+    "prob_dominates": "stopping",
     # scheduler.py (imports ray)
     "MilestoneScheduler": "scheduler",
     "Decision": "scheduler",

@@ -25,7 +25,7 @@ def search(argv: Sequence[str]) -> int:
     from rayq.commands import add_config_args, config_from_args, make_parser, parse_args
 
     parser = make_parser("rayq search", "Multi-objective recipe search on Ray Tune: maximize FP accuracy, "
-                         "minimize PTQ degradation; bad recipes stop early at milestones.")
+                         "minimize PTQ degradation; a recipe stops early once another dominates it beyond seed noise.")
     add_config_args(parser)
     parser.add_argument("--out", required=True, help="search directory (results.parquet, pareto.csv, ...)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")

@@ -36,6 +36,7 @@ __all__ = [
     "pareto_front",
     "select_top",
     "ranks_of",
+    "hypervolume_2d",
 ]
 
 
@@ -212,3 +213,19 @@ def select_top(rows: Any, objectives: Sequence[Any], k: int, tie_break: str = "e
 def ranks_of(rows: Iterable[Mapping[str, Any]], objectives: Sequence[Any]) -> list[int]:
     """Pareto rank (front index) of every row; for tables and the export's `pareto_rank`."""
     return nondominated_ranks(objective_matrix(list(rows), objectives)).tolist()
+
+
+def hypervolume_2d(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
+    """Area dominated by `points` (both coordinates to MAXIMISE) above `reference`.
+
+    Points at or below the reference on either axis add nothing; duplicates and dominated
+    points are harmless (the sweep keeps the staircase of the non-dominated ones).
+    """
+    rx, ry = float(reference[0]), float(reference[1])
+    pts = sorted(((float(x), float(y)) for x, y in points if x > rx and y > ry), key=lambda p: (-p[0], -p[1]))
+    area, best_y = 0.0, ry
+    for x, y in pts:  # by decreasing x: each point adds the strip above the best y so far
+        if y > best_y:
+            area += (x - rx) * (y - best_y)
+            best_y = y
+    return area

@@ -77,22 +77,35 @@ def write_table(rows: Sequence[dict], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue().to_pybytes())
 
 
+REQUIRED_COLUMNS = ("trial_id", "step")  # what every row of a search's results has
+
+
 def read_rows(out_dir: str | os.PathLike) -> list[dict]:
     path = Path(out_dir) / RESULTS
     if not path.exists():
         raise UserError(f"{path}: no results here (expected the --out directory of a rayq search)")
     try:
-        return pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserError(f"{path}: unreadable Parquet file ({exc})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise UserError(f"{path}: not a rayq results table (no {missing[0]!r} column)")
+    return table.to_pylist()
 
 
 def read_decisions(out_dir: str | os.PathLike) -> list[dict]:
     path = Path(out_dir) / SCHEDULER_STATE
     if not path.exists():
         return []
-    state = json.loads(path.read_text())
-    return list(state.get("decisions", []))
+    try:
+        state = json.loads(path.read_text())
+        decisions = state.get("decisions", [])
+        if not isinstance(decisions, list) or not all(isinstance(d, dict) for d in decisions):
+            raise ValueError("'decisions' is not a list of objects")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UserError(f"{path}: damaged scheduler state ({exc})") from None
+    return list(decisions)
 
 
 def trial_status(rows: Sequence[dict], decisions: Sequence[dict], total_steps: int) -> dict[str, dict]:
@@ -111,7 +124,7 @@ def trial_status(rows: Sequence[dict], decisions: Sequence[dict], total_steps: i
             status, stopped_at = "diverged", None
         elif decision is not None:
             status, stopped_at = "stopped", decision.get("milestone")
-        elif (last.get("step") or 0) >= total_steps:
+        elif (last.get("step") or 0) >= (last.get("config/recipe.steps") or total_steps):  # a searched steps is its own
             status, stopped_at = "completed", None
         else:
             status, stopped_at = "incomplete", None

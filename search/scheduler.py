@@ -1,46 +1,62 @@
-"""`MilestoneScheduler`: multi-objective asynchronous successive halving (MOASHA) for Ray Tune.
+"""`MilestoneScheduler`: rayq's multi-objective early stopping for Ray Tune.
 
-Ray's schedulers take one metric (ray-2.60.md §5); this one ranks recipes on several objectives
-at milestones of the trial's own `step` counter (`training_iteration` restarts after a resume).
-On every result, in this order:
+Ray's schedulers take one metric (ray-2.60.md §5); this one judges recipes on several objectives
+at the trial's own `step` counter (`training_iteration` restarts after a resume). On every
+result, in this order:
 
 1. Already stopped: a trial (or a recipe) that was stopped stays stopped (Tune may still deliver
    a buffered result after a STOP, and a resumed trial re-reports old steps).
 2. Divergence: a non-finite `train/loss` or `diverged == 1` stops at once, recorded as diverged.
-3. Hard limits: a `Constraint` whose violation is certain given the reported uncertainty (the
-   whole CI on the wrong side, see `Constraint.certainly_violated`) stops at once.
-4. Milestones: the first result with `step >= m` records the trial's objectives in rung `m`
-   (milestones passed in one jump are recorded in order, each deciding). The recipes recorded at
-   `m` so far are ranked by non-dominated sorting with the epsilon-net tie-break
-   (`pareto.priority_order`), and the rule is Syne Tune's MOASHA rule, unchanged: with `n`
-   recipes at the rung and the recipe at 0-based position `p` (exact ties share the best
-   position of the tied group), STOP iff `p / n > 1 / eta`;
-   while the rung holds fewer than `min_rung_size` recipes (default 2, i.e. MOASHA: the first
-   arrival always continues) nothing is stopped. Decisions are asynchronous: a recipe is judged
-   against whoever reached the milestone before it and never revisited when better ones arrive
-   later, so free workers never wait for a full rung. Missing/NaN objectives rank last.
+3. Hard limits: a `Constraint` violated beyond doubt stops at once. With a between-seed spread
+   known at that step (see rule `dominance`) the test is a real interval of the recipe's seed
+   mean, value ± z·σ/√n; with neither replicates nor a prior it falls back to the report's own
+   uncertainty (`Constraint.certainly_violated`: the whole CI on the wrong side).
+4. The stopping rule, `rule`:
+
+   `dominance` (default; `stopping.py` has the statistics): every report at an evaluation step
+   (a multiple of `eval_every`, or every report when it is 0) is recorded for the trial's recipe.
+   From the first milestone on, and before `max_t`, the recipe is compared with EVERY other
+   recipe recorded so far, live or stopped (except diverged or limit-violating ones, which can
+   never be on the front), at the latest evaluation step both have reached;
+   it is stopped iff some recipe j dominates it beyond noise, P(j ≻ i) ≥ `stop_confidence`.
+   No quota: the measured first front is never cut for lack of slots. Each running recipe is
+   re-checked at each of its results, so a recipe that arrives late at a step can stop one that
+   passed it earlier (asynchronous with revisiting), and early arrivals do not pass for free.
+   Seed counts may differ between recipes: each side's standard error is σ/√n.
+
+   `moasha` (Schmucker et al. 2021, kept for comparison): the first result with `step >= m`
+   records the trial's objectives in rung `m`; the recipes recorded at `m` so far are ranked by
+   non-dominated sorting with the epsilon-net tie-break (`pareto.priority_order`); with `n`
+   recipes at the rung and the recipe at 0-based position `p` (exact ties share the best position
+   of the tied group), STOP iff `p / n > 1 / eta`; while the rung holds fewer than
+   `min_rung_size` recipes nothing is stopped. One-by-one and never revisited.
 
 Seeds. Trials that share a `recipe_id` (read from the result, else `trial.config`, else the
-trial id itself, so one-trial-per-recipe needs nothing) are one recipe: its rung value is the
-mean over the seeds recorded there so far, re-judged each time another seed arrives. Every STOP
-is a recipe decision: the recipe is marked stopped and each of its other seeds gets STOP on its
-next result (kind "recipe_stopped"), so a recipe's seeds finish together and no recipe reaches
-the final front with a partial seed mean. `is_stopped(trial_id)` is true for all of them.
+trial id itself, so one-trial-per-recipe needs nothing) are one recipe: its value is the mean
+over the seeds recorded so far. Every STOP is a recipe decision: the recipe is marked stopped and
+each of its other seeds gets STOP on its next result (kind "recipe_stopped"), so no recipe
+reaches the final front with a partial seed mean. `is_stopped(trial_id)` is true for all of them.
+A trial that ends in an error is recorded as a STOP of kind "error" (not of its recipe): it is
+never a front candidate.
 
-State is plain attributes (pickled by Tune in tuner.pkl, and by `save`/`restore`). Ray 2.60
-pickles the scheduler only when the experiment starts, not as it runs, so pass `state_path` to
-make decisions survive a killed driver: the state is written atomically (JSON) after every
-change and reloaded when the scheduler is unpickled by `Tuner.restore` or built again on it.
+State is plain attributes. Ray 2.60 pickles the scheduler only when the experiment starts (in
+tuner.pkl), not as it runs, and never calls `TrialScheduler.save/restore`; so the state is written
+atomically (JSON) to `state_path` after every change. `state_path` may be relative: it is then
+resolved against `state_dir(...)` (the search directory, set by `rayq search` around
+`Tuner.restore`), so a moved search directory resumes. A state saved with other objectives,
+milestones, eta, rule or stop confidence is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import os
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -49,12 +65,26 @@ from rayq.config import atomic_write_text
 from rayq.search.objectives import Constraint, Objective, parse_constraints
 from rayq.search.objectives import as_float as _f
 from rayq.search.pareto import TIE_BREAKS, _objectives, nondominated_ranks, priority_order
+from rayq.search.stopping import Replicate, mean_interval, noise_for, pooled_sd, prob_dominates, summarise
 
-__all__ = ["MilestoneScheduler", "Decision"]
+__all__ = ["MilestoneScheduler", "Decision", "RULES", "state_dir"]
 
 CONTINUE = TrialScheduler.CONTINUE
 STOP = TrialScheduler.STOP
-_STATE_VERSION = 1
+RULES = ("dominance", "moasha")
+_STATE_VERSION = 2
+_STATE_DIR: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("rayq_scheduler_state_dir",
+                                                                           default=None)
+
+
+@contextlib.contextmanager
+def state_dir(path: str | os.PathLike) -> Iterator[None]:
+    """Resolve relative `state_path`s against `path` (the search directory) while unpickling."""
+    token = _STATE_DIR.set(os.fspath(path))
+    try:
+        yield
+    finally:
+        _STATE_DIR.reset(token)
 
 
 @dataclass(frozen=True)
@@ -64,13 +94,17 @@ class Decision:
     trial_id: str
     recipe_id: str
     action: str  # "CONTINUE" or "STOP"
-    kind: str  # "milestone" | "diverged" | "hard_limit" | "recipe_stopped"
+    kind: str  # "milestone" | "dominated" | "diverged" | "hard_limit" | "recipe_stopped" | "error"
     step: int  # the trial's step when decided
-    milestone: Optional[int]  # rung of a milestone decision; for other stops the last milestone passed
+    milestone: Optional[int]  # rung of a milestone decision; the evaluation step compared at for a
+    # dominated stop; for other stops the last milestone passed
     reason: str  # one human-readable line
-    position: Optional[int] = None  # 1-based rank position at the rung
+    position: Optional[int] = None  # 1-based rank position at the rung (moasha)
     rung_size: Optional[int] = None  # recipes recorded at the rung (including this one)
-    front: Optional[int] = None  # 0-based non-dominated front at the rung
+    front: Optional[int] = None  # 0-based non-dominated front at the rung (moasha)
+    dominator: Optional[str] = None  # recipe that dominates this one beyond noise (dominance)
+    p_dominated: Optional[float] = None  # max over recipes j of P(j ≻ this one) (dominance)
+    noise_source: Optional[str] = None  # where σ came from: replicates@S, carried@S, prior
 
 
 def _step(v: Any, default: int) -> int:
@@ -79,7 +113,7 @@ def _step(v: Any, default: int) -> int:
 
 
 class MilestoneScheduler(FIFOScheduler):
-    """MOASHA at `milestones` of `time_attr` (see the module docstring for the exact rule)."""
+    """Multi-objective early stopping at the trial's `time_attr` (see the module docstring)."""
 
     def __init__(
         self,
@@ -89,9 +123,15 @@ class MilestoneScheduler(FIFOScheduler):
         hard_limits: Sequence[Any] = (),
         time_attr: str = "step",
         *,
+        rule: str = "dominance",
+        stop_confidence: float = 0.9,
+        eval_every: int = 0,
+        max_t: Optional[int] = None,
+        noise_prior: Optional[Mapping[str, float]] = None,
         min_rung_size: int = 2,
         tie_break: str = "epsilon",
         recipe_key: str = "recipe_id",
+        seeds_key: str = "seeds",
         loss_key: str = "train/loss",
         diverged_key: str = "diverged",
         stop_recipe_on_divergence: bool = True,
@@ -107,28 +147,52 @@ class MilestoneScheduler(FIFOScheduler):
             raise ValueError(f"eta: expected > 1, got {eta}")
         if tie_break not in TIE_BREAKS:
             raise ValueError(f"tie_break: expected one of {', '.join(TIE_BREAKS)}, got {tie_break!r}")
+        if rule not in RULES:
+            raise ValueError(f"rule: expected one of {', '.join(RULES)}, got {rule!r}")
+        if not 0.5 <= stop_confidence < 1:
+            raise ValueError(f"stop_confidence: expected in [0.5, 1), got {stop_confidence}")
+        if eval_every < 0:
+            raise ValueError(f"eval_every: expected >= 0, got {eval_every}")
         self.eta = float(eta)
+        self.rule = rule
+        self.stop_confidence = float(stop_confidence)
+        self.eval_every = int(eval_every)
+        self.max_t = None if max_t is None else int(max_t)
         self.hard_limits: list[Constraint] = parse_constraints(list(hard_limits))
+        # metrics whose between-seed spread is tracked: the objectives, then the hard limits'
+        self._tracked: list[str] = [o.name for o in self.objectives]
+        self._tracked += [c.name for c in self.hard_limits if c.name not in self._tracked]
+        prior = dict(noise_prior or {})
+        unknown = sorted(set(prior) - set(self._tracked))
+        if unknown:
+            raise ValueError(f"noise_prior: {unknown[0]!r} is neither an objective nor a hard-limit metric")
+        self.noise_prior: dict[str, float] = {k: float(v) for k, v in prior.items()}
         self.time_attr = time_attr
         self.min_rung_size = max(1, int(min_rung_size))
         self.tie_break = tie_break
         self.recipe_key = recipe_key
+        self.seeds_key = seeds_key
         self.loss_key = loss_key
         self.diverged_key = diverged_key
         self.stop_recipe_on_divergence = stop_recipe_on_divergence
         self.state_path = state_path
+        self._state_base = _STATE_DIR.get()
         self.verbose = verbose
         # --- state (plain, picklable, JSON-able) ---
-        # milestone -> recipe_id -> trial_id -> objective values (raw orientation, NaN = missing)
+        # moasha: milestone -> recipe_id -> trial_id -> objective values (raw orientation, NaN = missing)
         self._rungs: dict[int, dict[str, dict[str, list[float]]]] = {m: {} for m in self.milestones}
+        # dominance: evaluation step -> recipe_id -> trial_id -> Replicate of the tracked metrics
+        self._evals: dict[int, dict[str, dict[str, Replicate]]] = {}
         self._trial_recipe: dict[str, str] = {}
         self._stopped: dict[str, Decision] = {}  # trial_id -> the decision that stopped it
         self._recipe_stopped: dict[str, Decision] = {}  # recipe_id -> first STOP of that recipe
         self._last_step: dict[str, int] = {}
         self._finished: dict[str, int] = {}  # trial_id -> last step, when Tune completed it
         self.decisions: list[Decision] = []
-        if state_path and os.path.exists(state_path):
-            self.load_state(state_path)
+        self._cache: dict[Any, Any] = {}  # derived from _evals; never saved
+        path = self.resolved_state_path()
+        if path and os.path.exists(path):
+            self.load_state(path)
 
     # ------------------------------------------------------------------ Tune hooks
 
@@ -155,11 +219,16 @@ class MilestoneScheduler(FIFOScheduler):
             return self._stop(tid, rid, "diverged", step, self._passed(step), f"diverged ({what})",
                               whole_recipe=self.stop_recipe_on_divergence)
 
+        if self.rule == "dominance" and self._is_eval_step(step):
+            self._record_eval(tid, rid, step, result)
         for c in self.hard_limits:
-            if c.certainly_violated(result):
+            violated, why = self._hard_limit_violated(c, rid, step, result)
+            if violated:
                 return self._stop(tid, rid, "hard_limit", step, self._passed(step),
-                                  f"hard limit {c} violated beyond doubt ({c.name}={result.get(c.name)})")
+                                  f"hard limit {c} violated beyond doubt ({why})")
 
+        if self.rule == "dominance":
+            return self._dominance(tid, rid, step)
         for m in self.milestones:
             if step < m:
                 break
@@ -177,14 +246,127 @@ class MilestoneScheduler(FIFOScheduler):
         self._persist()
 
     def on_trial_error(self, tune_controller, trial) -> None:
-        self._finished.setdefault(str(trial.trial_id), self._last_step.get(str(trial.trial_id), 0))
+        tid = str(trial.trial_id)
+        step = self._last_step.get(tid, 0)
+        self._finished.setdefault(tid, step)
+        if tid not in self._stopped:  # persisted by _stop: a crash right after still knows
+            self._stop(tid, self._trial_recipe.get(tid, tid), "error", step, self._passed(step),
+                       "the trial ended in an error", whole_recipe=False)
 
     def debug_string(self) -> str:
+        if self.rule == "dominance":
+            return (f"MilestoneScheduler(rule=dominance, p={self.stop_confidence:g}) "
+                    f"{len(self._evals)} evaluation steps recorded, {len(self._stopped)} trials stopped")
         sizes = ", ".join(f"{m}: {len(r)}" for m, r in self._rungs.items())
-        return (f"MilestoneScheduler(eta={self.eta:g}) recipes per milestone {{{sizes}}}, "
+        return (f"MilestoneScheduler(rule=moasha, eta={self.eta:g}) recipes per milestone {{{sizes}}}, "
                 f"{len(self._stopped)} trials stopped")
 
-    # ------------------------------------------------------------------ the rule
+    # ------------------------------------------------------------------ rule: dominance
+
+    def _is_eval_step(self, step: int) -> bool:
+        if self.eval_every == 0 or step in self.milestones:
+            return True
+        return step > 0 and step % self.eval_every == 0
+
+    def _record_eval(self, tid: str, rid: str, step: int, result: Mapping[str, Any]) -> None:
+        at = self._evals.setdefault(step, {}).setdefault(rid, {})
+        if tid in at:
+            return  # a resumed trial re-reports an old step: the first measurement stands
+        seeds = _step(result.get(self.seeds_key), 1)
+        at[tid] = Replicate(tuple(_f(result.get(n)) for n in self._tracked),
+                            tuple(_f(result.get(f"{n}_seed_se")) for n in self._tracked), max(1, seeds))
+        self._cache.pop(("noise", step), None)
+        self._cache.pop(("summary", step, rid), None)
+        # σ carried forward to later steps may change too
+        self._cache = {k: v for k, v in self._cache.items() if k[0] != "noise_at"}
+        self._persist()
+
+    def _summary(self, step: int, rid: str):
+        key = ("summary", step, rid)
+        if key not in self._cache:
+            self._cache[key] = summarise(list(self._evals[step][rid].values()))
+        return self._cache[key]
+
+    def _noise(self, step: int) -> tuple[tuple[float, ...], tuple[float, ...], Optional[str]]:
+        """(σ, degrees of freedom, source) per tracked metric at `step` (replicates, carried, prior)."""
+        key = ("noise_at", step)
+        if key not in self._cache:
+            by_step = {}
+            for s in self._evals:
+                if s > step:
+                    continue
+                nk = ("noise", s)
+                if nk not in self._cache:
+                    self._cache[nk] = pooled_sd([self._summary(s, r) for r in self._evals[s]])
+                by_step[s] = self._cache[nk]
+            prior = [self.noise_prior.get(n, math.nan) for n in self._tracked]
+            self._cache[key] = noise_for(step, by_step, prior)
+        return self._cache[key]
+
+    def _dominance(self, tid: str, rid: str, step: int) -> str:
+        if step < self.milestones[0] or (self.max_t is not None and step >= self.max_t):
+            return CONTINUE
+        mine = sorted((s for s, rs in self._evals.items() if rid in rs and self.milestones[0] <= s <= step),
+                      reverse=True)
+        if not mine:
+            return CONTINUE
+        n_obj = len(self.objectives)
+        signs = [o.direction.sign * -1 for o in self.objectives]  # +1 = larger is better
+        best_p, best_j, best_s, best_src, compared = 0.0, None, None, None, 0
+        # a diverged or limit-violating recipe can never be on the front, so it stops nobody
+        barred = {r for r, d in self._recipe_stopped.items() if d.kind in ("diverged", "hard_limit")}
+        others = sorted({r for s in mine for r in self._evals[s] if r != rid and r not in barred})
+        for j in others:
+            s = next(s for s in mine if j in self._evals[s])  # the latest step both reached
+            mi, mj = self._summary(s, rid), self._summary(s, j)
+            sd, df, src = self._noise(s)
+            if src is None or not mi.finite or not mj.finite:
+                continue
+            compared += 1
+            p = prob_dominates(mj.mean[:n_obj], mi.mean[:n_obj], sd[:n_obj], mj.n, mi.n, signs, df[:n_obj])
+            if p > best_p:
+                best_p, best_j, best_s, best_src = p, j, s, src
+        at_milestone = step in self.milestones
+        if best_p >= self.stop_confidence:
+            vals = self._describe(self._summary(best_s, rid))
+            reason = (f"step {best_s}: recipe {rid} ({vals}) dominated by recipe {best_j} "
+                      f"({self._describe(self._summary(best_s, best_j))}) with P={best_p:.3f} >= "
+                      f"{self.stop_confidence:g} (sigma from {best_src})")
+            self._stop(tid, rid, "dominated", step, best_s, reason, rung_size=compared + 1,
+                       dominator=best_j, p_dominated=round(best_p, 6), noise_source=best_src)
+            return STOP
+        if at_milestone:
+            why = ("no noise estimate yet (no replicates, no noise_prior): nothing is stopped on dominance"
+                   if compared == 0 and others else
+                   f"max P(dominated)={best_p:.3f} < {self.stop_confidence:g}"
+                   + (f" (by {best_j}, sigma from {best_src})" if best_j else ""))
+            self._record(Decision(tid, rid, CONTINUE, "milestone", step, step,
+                                  f"milestone {step}: recipe {rid} ({self._describe(self._summary(mine[0], rid))}) "
+                                  f"vs {compared} recipe(s): {why}", rung_size=compared + 1,
+                                  dominator=best_j, p_dominated=round(best_p, 6), noise_source=best_src))
+        return CONTINUE
+
+    def _describe(self, summary) -> str:
+        vals = ", ".join(f"{o.name}={v:.4g}" for o, v in zip(self.objectives, summary.mean))
+        return vals + (f", {summary.n} seeds" if summary.n > 1 else "")
+
+    def _hard_limit_violated(self, c: Constraint, rid: str, step: int, result: Mapping[str, Any]) -> tuple[bool, str]:
+        """A real CI of the recipe's seed mean when a between-seed σ is known at this step."""
+        v = _f(result.get(c.name))
+        k = self._tracked.index(c.name)
+        sd, df, src = math.nan, math.inf, None
+        if self.rule == "dominance":
+            sds, dfs, src = self._noise(step)
+            if src is not None:
+                sd, df = sds[k], dfs[k]
+        seeds = max(1, _step(result.get(self.seeds_key), 1))
+        if src is not None and math.isfinite(sd) and math.isfinite(v):
+            lo, hi = mean_interval(v, sd, seeds, df=df)
+            bad = hi < c.value if c.op == ">=" else lo > c.value
+            return bad, f"{c.name}={v:.4g}, 95% CI of the {seeds}-seed mean [{lo:.4g}, {hi:.4g}], sigma from {src}"
+        return c.certainly_violated(result), f"{c.name}={result.get(c.name)}, outside its reported CI"
+
+    # ------------------------------------------------------------------ rule: moasha
 
     def _judge(self, tid: str, rid: str, m: int, step: int, result: Mapping[str, Any]) -> str:
         rung = self._rungs[m]
@@ -299,10 +481,11 @@ class MilestoneScheduler(FIFOScheduler):
 
         return {
             "version": _STATE_VERSION,
-            "objectives": [str(o) for o in self.objectives],
-            "milestones": self.milestones,
+            **self._settings(),
             "rungs": {str(m): {r: {t: clean(v) for t, v in ts.items()} for r, ts in rs.items()}
                       for m, rs in self._rungs.items()},
+            "evals": {str(s): {r: {t: rep.to_json() for t, rep in ts.items()} for r, ts in rs.items()}
+                      for s, rs in self._evals.items()},
             "trial_recipe": self._trial_recipe,
             "stopped": {t: asdict(d) for t, d in self._stopped.items()},
             "recipe_stopped": {r: asdict(d) for r, d in self._recipe_stopped.items()},
@@ -311,17 +494,28 @@ class MilestoneScheduler(FIFOScheduler):
             "decisions": [asdict(d) for d in self.decisions],
         }
 
+    def _settings(self) -> dict[str, Any]:
+        """What decisions depend on: a state saved under other settings must not be continued."""
+        return {"objectives": [str(o) for o in self.objectives], "milestones": self.milestones,
+                "rule": self.rule, "eta": self.eta, "stop_confidence": self.stop_confidence,
+                "eval_every": self.eval_every, "hard_limits": [str(c) for c in self.hard_limits]}
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"scheduler state: unsupported version {state.get('version')!r}")
-        if state["objectives"] != [str(o) for o in self.objectives]:
-            raise ValueError(f"scheduler state: saved for objectives {state['objectives']}, "
-                             f"not {[str(o) for o in self.objectives]}")
+            raise ValueError(f"scheduler state: unsupported version {state.get('version')!r} "
+                             f"(this rayq writes {_STATE_VERSION})")
+        for key, mine in self._settings().items():
+            if state.get(key) != mine:
+                raise ValueError(f"scheduler state: saved with {key}={state.get(key)!r}, "
+                                 f"this search has {key}={mine!r}")
         self._rungs = {m: {} for m in self.milestones}
         for m, rs in state["rungs"].items():
             self._rungs.setdefault(int(m), {}).update(
                 {r: {t: [math.nan if x is None else float(x) for x in v] for t, v in ts.items()}
                  for r, ts in rs.items()})
+        self._evals = {int(s): {r: {t: Replicate.from_json(v) for t, v in ts.items()} for r, ts in rs.items()}
+                       for s, rs in state["evals"].items()}
+        self._cache = {}
         self._trial_recipe = dict(state["trial_recipe"])
         self._stopped = {t: Decision(**d) for t, d in state["stopped"].items()}
         self._recipe_stopped = {r: Decision(**d) for r, d in state["recipe_stopped"].items()}
@@ -329,34 +523,49 @@ class MilestoneScheduler(FIFOScheduler):
         self._finished = {t: int(s) for t, s in state["finished"].items()}
         self.decisions = [Decision(**d) for d in state["decisions"]]
 
+    def resolved_state_path(self) -> Optional[str]:
+        """`state_path`, a relative one resolved against the search directory (see `state_dir`)."""
+        if not self.state_path or os.path.isabs(self.state_path):
+            return self.state_path
+        base = _STATE_DIR.get() or self._state_base
+        return os.path.join(base, self.state_path) if base else self.state_path
+
     def save_state(self, path: str) -> None:
         """Write the state as JSON, atomically (readers see the old file or the new one)."""
         atomic_write_text(path, json.dumps(self.state_dict()))
 
     def load_state(self, path: str) -> None:
-        with open(path) as fh:
-            self.load_state_dict(json.load(fh))
+        """Load a saved state; a damaged file is a ValueError naming it (never a partial load)."""
+        try:
+            with open(path) as fh:
+                state = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"damaged scheduler state {path} ({exc})") from None
+        try:
+            self.load_state_dict(state)
+        except ValueError:
+            raise
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"damaged scheduler state {path} ({type(exc).__name__}: {exc})") from None
 
     def _persist(self) -> None:
-        if self.state_path:
-            self.save_state(self.state_path)
+        path = self.resolved_state_path()
+        if path:
+            self.save_state(path)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
 
     def __setstate__(self, state: dict) -> None:
         # Tuner.restore unpickles the scheduler pickled at the start of the experiment; the
-        # state file written since then is newer, so it wins.
+        # state file written since then is newer, so it wins. A search resumed with
+        # `rayq search --resume` must have it (see tuner.run_search).
         self.__dict__.update(state)
-        if self.state_path and os.path.exists(self.state_path):
-            self.load_state(self.state_path)
-
-    # TrialScheduler.save/restore (pickled attributes, as Ray's own schedulers do)
-    def save(self, checkpoint_path: str) -> None:
-        import pickle
-
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.__dict__, fh)
-
-    def restore(self, checkpoint_path: str) -> None:
-        import pickle
-
-        with open(checkpoint_path, "rb") as fh:
-            self.__dict__.update(pickle.load(fh))
+        base = _STATE_DIR.get()
+        if base is not None:
+            self._state_base = base
+        path = self.resolved_state_path()
+        if path and os.path.exists(path):
+            self.load_state(path)

@@ -3,7 +3,8 @@
 Multi-objective schedulers are judged on many searches, which real 6B training cannot afford
 (Syne Tune's simulator backend replays tabulated curves for the same reason). Here a Tune
 *function trainable* with no model reports, every 5000 "steps" of a 75000-step run, the metrics a
-real trial reports; there is no sleeping (virtual time: one report per Tune round trip).
+real trial reports; there is no sleeping (virtual time: one report per Tune round trip). The
+same curves drive the Ray-free lockstep loop of `offline.py`, the benchmark's figure.
 
 Calibration (Ahmadian et al. 2023, Table A.3, `PAPER_A3` below; the 13 rows are 11 recipes):
 - final FP accuracy (average over the 8 tasks) and final degradation (the "Average % Diff"
@@ -12,11 +13,19 @@ Calibration (Ahmadian et al. 2023, Table A.3, `PAPER_A3` below; the 13 rows are 
   `g(t) = log(1 + t/tau)`, tau = 2000 steps x (1 + dropout) (dropout slows learning);
 - degradation grows with steps and is visible by 15000 (the paper's Figure 3):
   `deg(t) = D s(t)`, `s(t) = (1 - exp(-t/15000)) / (1 - exp(-T/15000))`, so s(15000) = 0.64;
-- noise, per trial (a seed): a persistent offset (sd 0.15 points on accuracy and on degradation,
-  scaled by the curve), a per-trial jitter of the curve's time constant (sd 10% in log), and
-  per-report evaluation noise (sd 0.10 points each). The paper ran each recipe once, so its
-  seed spread is unknown; these are of the order of the table's smallest gaps between recipes,
-  which is what makes ranking them non-trivial. `noise` scales all of it.
+- noise, per trial (a seed), the parameters of `NoiseModel` (defaults `NOISE`): a persistent
+  offset (`seed_sd` 0.15 points on accuracy and on degradation, scaled by the curve), a per-trial
+  jitter of the curve's time constant (`tau_sd` 10% in log), and per-report evaluation noise
+  (`eval_sd` 0.10 points each). The paper ran each recipe once, so its seed spread is unknown;
+  these are of the order of the table's smallest gaps between recipes, which is what makes
+  ranking them non-trivial. `noise` scales all of it (the benchmark sweeps 0.25x-2x). They are
+  guesses until the proxy study measures real seed-to-seed spread; then calibrate here.
+- late re-ranking (`late`, off by default): a recipe's degradation may grow during the LR decay
+  (PTQ error is reported to jump when the LR decays). With `late = L`, the recipe's degradation
+  follows a curve ending L points BETTER than its table value until 60% of training, and the
+  missing L arrives over the last 40% (quadratically): the final value, and so the truth, stays
+  the table's, but early measurements flatter it. The offline benchmark applies it to a random
+  third of the recipes per search.
 - `ptq/<scheme>/kl` is reported as a monotone function of the measured degradation
   (0.02 exp(-deg/2)), so `kl:min` ranks exactly as `degradation_pct:max`.
 
@@ -31,8 +40,8 @@ reported beside it.
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 import zlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -54,6 +63,9 @@ __all__ = [
     "SCHEME",
     "TOTAL_STEPS",
     "REPORT_EVERY",
+    "NoiseModel",
+    "NOISE",
+    "seed_sd",
 ]
 
 # (variant, FP average, Average % Diff) of Table A.3 (shared/reference/paper_table_a3.json)
@@ -81,11 +93,21 @@ REPORT_EVERY = 5000
 CHANCE = 40.0  # accuracy at step 0, averaged over the 8 tasks (roughly their chance levels)
 TAU_ACC = 2000.0
 TAU_DEG = 15000.0
-SD_SEED = 0.15
-SD_EVAL = 0.10
-SD_TAU = 0.10
+LATE_START = 0.6  # fraction of training after which a late re-ranking recipe's degradation jumps
 CI_HALF = 0.6  # reported half-width of the degradation CI (paired bootstrap over 8 tasks)
 WEIGHT = 1.0  # the single-metric baseline maximises acc + WEIGHT * degradation_pct (both in points)
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """Seed-to-seed and evaluation noise of a simulated trial (points of the table's units)."""
+
+    seed_sd: float = 0.15  # persistent per-seed offset of the final accuracy and degradation
+    eval_sd: float = 0.10  # fresh noise on every report (evaluation on a finite task sample)
+    tau_sd: float = 0.10  # per-seed jitter of the accuracy curve's time constant (sd in log)
+
+
+NOISE = NoiseModel()
 
 
 @dataclass(frozen=True)
@@ -136,21 +158,25 @@ def trial_reports(
     noise: float = 1.0,
     total_steps: int = TOTAL_STEPS,
     every: int = REPORT_EVERY,
+    *,
+    late: float = 0.0,
+    model: NoiseModel = NOISE,
 ) -> list[dict[str, float]]:
     """Every report of one simulated trial (deterministic in `trial_seed`)."""
     rng = np.random.default_rng(_seed("trial", recipe.recipe_id, trial_seed))
     dropout = float(recipe.point.get("recipe.dropout", 0.0))
-    tau = TAU_ACC * (1 + dropout) * math.exp(noise * SD_TAU * rng.normal())
-    off_acc, off_deg = noise * SD_SEED * rng.normal(size=2)
+    tau = TAU_ACC * (1 + dropout) * math.exp(noise * model.tau_sd * rng.normal())
+    off_acc, off_deg = noise * model.seed_sd * rng.normal(size=2)
     g_end = math.log1p(total_steps / tau)
     s_end = 1 - math.exp(-total_steps / TAU_DEG)
     out = []
     for step in range(every, total_steps + 1, every):
         g = math.log1p(step / tau) / g_end
         s = (1 - math.exp(-step / TAU_DEG)) / s_end
-        e_acc, e_deg = noise * SD_EVAL * rng.normal(size=2)
+        e_acc, e_deg = noise * model.eval_sd * rng.normal(size=2)
+        jump = max(0.0, (step / total_steps - LATE_START) / (1 - LATE_START)) ** 2
         acc = CHANCE + (recipe.acc + off_acc - CHANCE) * g + e_acc
-        deg = (recipe.deg + off_deg) * s + e_deg
+        deg = (recipe.deg + late + off_deg) * s - late * jump + e_deg
         loss = 2.2 + 6.0 * (1 - g) + (recipe.acc - acc) * 0.01  # decorative; finite
         out.append({
             "step": step,
@@ -167,10 +193,25 @@ def trial_reports(
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def seed_sd(step: int = TOTAL_STEPS, noise: float = 1.0, model: NoiseModel = NOISE, n: int = 400) -> dict[str, float]:
+    """Between-seed sd of one report's (accuracy, degradation) at `step`, by Monte Carlo over seeds,
+    averaged over the grid's recipes: the `noise_prior` of the simulated `dominance` searches."""
+    k = step // REPORT_EVERY - 1
+    sds = []
+    for r in paper_recipes():
+        vals = np.array([[x[ACC], x[DEG]] for x in (trial_reports(r, 10_000 + i, noise, model=model)[k]
+                                                     for i in range(n))])
+        sds.append(vals.std(axis=0, ddof=1))
+    acc_sd, deg_sd = np.sqrt(np.mean(np.square(sds), axis=0))
+    return {ACC: float(acc_sd), DEG: float(deg_sd)}
+
+
 def simulated_trainable(config: Mapping[str, Any]) -> None:
     """The Tune function trainable: replays one trial's reports through `ray.tune.report`.
 
-    config: {"sim": {"recipe_id", "trial_seed", "sim_seed", "strategy"}, "noise": float}.
+    config: {"sim": {"recipe_id", "trial_seed", "sim_seed", "strategy", "upto"?}, "noise": float};
+    `upto` marks a pilot seed that stops after that step.
     """
     from ray import tune
 
@@ -184,11 +225,18 @@ def simulated_trainable(config: Mapping[str, Any]) -> None:
 
         ray.get(ray.get_actor(gate["name"]).wait.remote(
             f"{sim['strategy']}/{sim['sim_seed']}", int(gate["first_wave"]), float(gate["timeout_s"])))
+    upto = sim.get("upto")
     for rep in trial_reports(recipe, int(sim["trial_seed"]), float(config.get("noise", 1.0))):
-        tune.report({**rep, "recipe_id": f"{sim['sim_seed']}/{recipe.recipe_id}", "sim_seed": sim["sim_seed"]})
+        if upto is not None and rep["step"] > upto:
+            break  # a pilot seed: replicates to the first milestone only
+        tune.report({**rep, "recipe_id": f"{sim['sim_seed']}/{recipe.recipe_id}", "sim_seed": sim["sim_seed"],
+                     "pilot": 1.0 if upto is not None else 0.0})
 
 
 # ----------------------------------------------------------------------------- scoring a search
+
+
+HV_REFERENCE = (64.0, -2.0)  # (accuracy, degradation) floor of the hypervolume; dropout 0.8 falls below
 
 
 @dataclass(frozen=True)
@@ -196,15 +244,25 @@ class SearchOutcome:
     sim_seed: int
     strategy: str
     trial_steps: int  # steps reported by all trials (a stopped trial spent up to its last report)
-    grid_steps: int  # every recipe of the grid run to the end
+    grid_steps: int  # every recipe of the grid run to the end, one seed each
     completed: tuple  # recipe ids that ran to the end and were never stopped
     front: tuple  # their Pareto front (by their final measured values)
-    has_knee: bool
-    has_true_front: bool
+    has_knee: bool  # the noise-free knee is on the returned front
+    has_true_front: bool  # some noise-free Pareto-optimal recipe is on it
+    pick_truly_pareto: bool  # the exported pick (knee of the measured front) is truly Pareto-optimal
+    hv_regret: float  # 1 - HV(returned front at TRUE values) / HV(true front); 1 when nothing returned
+    front_recall: float  # fraction of the true front on the returned front
 
     @property
     def fraction(self) -> float:
         return self.trial_steps / self.grid_steps
+
+
+def _true_hv(ids: Sequence[str]) -> float:
+    from rayq.search.pareto import hypervolume_2d
+
+    truth = {r.recipe_id: (r.acc, r.deg) for r in paper_recipes()}
+    return hypervolume_2d([truth[i] for i in ids], HV_REFERENCE)
 
 
 def score_search(
@@ -213,19 +271,28 @@ def score_search(
     finals: Sequence[Mapping[str, Any]],
     stopped: Optional[set] = None,
     total_steps: int = TOTAL_STEPS,
+    spent: Optional[int] = None,
 ) -> SearchOutcome:
-    """finals: the last result of every trial ({recipe_id, step, objectives...})."""
+    """finals: the last result of every recipe's main trial ({recipe_id, step, objectives...});
+    `spent`: trial-steps of all trials (default: the finals' steps)."""
     recipes = paper_recipes()
     stopped = stopped or set()
-    spent = sum(int(f["step"]) for f in finals)
+    spent = sum(int(f["step"]) for f in finals) if spent is None else int(spent)
     done = [f for f in finals
             if int(f["step"]) >= total_steps and f["recipe_id"] not in stopped]
     front_idx = pareto_front(done, OBJECTIVES)
-    front = tuple(sorted(str(done[i]["recipe_id"]).split("/")[-1] for i in front_idx))
+    label = [str(f["recipe_id"]).split("/")[-1] for f in done]
+    front = tuple(sorted(label[i] for i in front_idx))
+    truth = set(true_front(recipes))
+    pick = select_top([done[i] for i in front_idx], OBJECTIVES, 1, "knee") if front_idx else []
+    hv_true = _true_hv(sorted(truth))
     return SearchOutcome(
-        sim_seed, strategy, spent, len(finals) * total_steps,
-        tuple(sorted(str(f["recipe_id"]).split("/")[-1] for f in done)), front,
-        knee(recipes) in front, bool(set(front) & set(true_front(recipes))),
+        sim_seed, strategy, spent, len(recipes) * total_steps,
+        tuple(sorted(label)), front,
+        knee(recipes) in front, bool(set(front) & truth),
+        bool(pick) and label[front_idx[pick[0]]] in truth,
+        1.0 - _true_hv(front) / hv_true,
+        len(set(front) & truth) / len(truth),
     )
 
 
@@ -235,270 +302,3 @@ def grid_order(sim_seed: int) -> list[SimRecipe]:
     recipes = paper_recipes()
     rng = np.random.default_rng(_seed("order", sim_seed))
     return [recipes[i] for i in rng.permutation(len(recipes))]
-
-
-def run_offline(scheduler: Any, sim_seed: int, strategy: str = "offline", max_concurrent: int = 8,
-                noise: float = 1.0) -> SearchOutcome:
-    """A Ray-free stand-in for Tune: lockstep virtual time, `max_concurrent` trials at once,
-    reports of one tick delivered in random order. For unit tests and quick exploration; the
-    benchmark figures come from real Tune (bench.py)."""
-    from types import SimpleNamespace
-
-    rng = np.random.default_rng(_seed("offline", sim_seed))
-    pending = [(SimpleNamespace(trial_id=f"{sim_seed}_{k}", config={}), iter(trial_reports(r, _seed(sim_seed, k), noise)),
-                r.recipe_id) for k, r in enumerate(grid_order(sim_seed))]
-    running: list = []
-    finals: list = []
-    stopped: set = set()
-    while pending or running:
-        while pending and len(running) < max_concurrent:
-            trial, it, rid = pending.pop(0)
-            scheduler.on_trial_add(None, trial)
-            running.append((trial, it, rid, {}))
-        for idx in rng.permutation(len(running)).tolist():
-            trial, it, rid, last = running[idx]
-            rep = next(it, None)
-            if rep is None:
-                last["done"] = True
-                continue
-            rep = {**rep, "recipe_id": rid}
-            last.update(rep)
-            if scheduler.on_trial_result(None, trial, rep) == "STOP":
-                last["done"] = True
-                if int(rep["step"]) < TOTAL_STEPS:
-                    stopped.add(rid)
-        still = []
-        for trial, it, rid, last in running:
-            if last.get("done"):
-                scheduler.on_trial_complete(None, trial, last)
-                finals.append({k: v for k, v in last.items() if k != "done"})
-            else:
-                still.append((trial, it, rid, last))
-        running = still
-    return score_search(sim_seed, strategy, finals, stopped)
-
-
-# ----------------------------------------------------------------------------- through real Ray Tune
-
-STRATEGIES = ("mo-milestones", "no-stopping", "weighted-asha", "mo-15k")
-
-
-def make_scheduler(strategy: str, milestones: Sequence[int] = (5000, 15000, 45000), eta: float = 3.0,
-                   tie_break: str = "epsilon") -> Any:
-    """The scheduler of one simulated search (module level: Tune pickles the factory)."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from rayq.search.scheduler import MilestoneScheduler
-
-    if strategy == "mo-milestones":
-        return MilestoneScheduler(OBJECTIVES, milestones, eta, tie_break=tie_break, verbose=False)
-    if strategy == "mo-15k":  # the paper's single milestone, the default of search.milestones
-        return MilestoneScheduler(OBJECTIVES, [15000], eta, tie_break=tie_break, verbose=False)
-    if strategy == "no-stopping":
-        return FIFOScheduler()
-    if strategy == "weighted-asha":  # Ray's ASHA on acc + WEIGHT * degradation_pct, same rungs
-        return ASHAScheduler(time_attr="step", metric="weighted", mode="max", max_t=TOTAL_STEPS,
-                             grace_period=int(min(milestones)), reduction_factor=eta)
-    raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
-
-
-class _StartGate:
-    """A Ray actor (async): holds the first `first_wave` trials of each search until all arrived."""
-
-    def __init__(self):
-        self.count: dict[str, int] = {}
-        self.events: dict[str, Any] = {}
-
-    async def wait(self, key: str, first_wave: int, timeout_s: float) -> bool:
-        import asyncio
-
-        n = self.count[key] = self.count.get(key, 0) + 1
-        ev = self.events.setdefault(key, asyncio.Event())
-        if n > first_wave:
-            return True  # a later trial starts when a worker frees up: no waiting
-        if n == first_wave:
-            ev.set()
-        try:
-            await asyncio.wait_for(ev.wait(), timeout_s)
-            return True
-        except asyncio.TimeoutError:
-            return False
-
-
-def _search_mux_class():
-    from ray.tune.experiment import Trial
-    from ray.tune.schedulers import FIFOScheduler
-
-    class SearchMux(FIFOScheduler):
-        """Many independent simulated searches in one Tune run: one scheduler per search (keyed by
-        the trial's strategy and sim seed), and at most `per_search` running trials per search,
-        as if each search had its own `per_search` workers. Starting Tune trial actors is what
-        costs time on 2 CPUs (~4 s each); one run lets Tune reuse them across searches."""
-
-        def __init__(self, factories: Mapping[str, Any], per_search: int):
-            super().__init__()
-            self.factories = dict(factories)
-            self.per_search = per_search
-            self.schedulers: dict[tuple, Any] = {}
-
-        @staticmethod
-        def key(trial: Any) -> tuple:
-            sim = trial.config["sim"]
-            return sim["strategy"], int(sim["sim_seed"])
-
-        def _of(self, trial: Any) -> Any:
-            k = self.key(trial)
-            if k not in self.schedulers:
-                self.schedulers[k] = self.factories[k[0]]()
-            return self.schedulers[k]
-
-        def on_trial_add(self, tc, trial):
-            self._of(trial).on_trial_add(tc, trial)
-
-        def on_trial_result(self, tc, trial, result):
-            return self._of(trial).on_trial_result(tc, trial, result)
-
-        def on_trial_complete(self, tc, trial, result):
-            self._of(trial).on_trial_complete(tc, trial, result)
-
-        def on_trial_error(self, tc, trial):
-            self._of(trial).on_trial_error(tc, trial)
-
-        def on_trial_remove(self, tc, trial):
-            self._of(trial).on_trial_remove(tc, trial)
-
-        def choose_trial_to_run(self, tc):
-            running: dict[tuple, int] = {}
-            trials = tc.get_trials()
-            for t in trials:
-                if t.status == Trial.RUNNING:
-                    running[self.key(t)] = running.get(self.key(t), 0) + 1
-            for t in trials:
-                if t.status == Trial.PENDING and running.get(self.key(t), 0) < self.per_search:
-                    return t
-            return None
-
-        def debug_string(self) -> str:
-            return f"SearchMux({len(self.schedulers)} searches)"
-
-    return SearchMux
-
-
-def run_tune(
-    strategies: Sequence[str],
-    seeds: Sequence[int],
-    *,
-    milestones: Sequence[int] = (5000, 15000, 45000),
-    eta: float = 3.0,
-    tie_break: str = "epsilon",
-    per_search: int = 8,
-    searches_at_once: int = 1,
-    seeds_per_fit: int = 1,
-    noise: float = 1.0,
-    retries: int = 1,
-) -> tuple[list[SearchOutcome], dict[str, Any]]:
-    """Run every (strategy, seed) search through real Ray Tune; score each search.
-
-    One `Tuner.fit()` per `seeds_per_fit` seeds (all strategies of those seeds in it; a failed
-    fit is retried), one `ray.init` for all. Each search is the paper-axes grid (Tune's grid
-    search) started in a per-seed shuffled order with its own scheduler; trials of a seed see
-    the same curves under every strategy (common random numbers), so strategies are compared
-    on identical draws.
-    """
-    import sys
-    import time
-
-    seeds = list(seeds)
-    t0 = time.time()
-    outcomes: list[SearchOutcome] = []
-    info = {"fits": 0, "fit_s": [], "trials": 0, "reports": 0, "errors": 0, "retries": 0}
-    for i in range(0, len(seeds), seeds_per_fit):
-        chunk = seeds[i:i + seeds_per_fit]
-        for attempt in range(retries + 1):
-            try:
-                got, fit = _fit_once(strategies, chunk, milestones, eta, tie_break, per_search,
-                                     searches_at_once, noise)
-                break
-            except Exception as exc:  # noqa: BLE001 - a dead raylet on a busy machine: start over
-                if attempt == retries:
-                    raise
-                info["retries"] += 1
-                print(f"[bench search] fit for seeds {chunk} failed ({exc!r:.200}); retrying", file=sys.stderr)
-                import ray
-
-                ray.shutdown()
-        outcomes += got
-        info["fits"] += 1
-        info["fit_s"].append(fit["wall_s"])
-        for k in ("trials", "reports", "errors"):
-            info[k] += fit[k]
-        done = ", ".join(f"{o.strategy} {o.fraction:.2f}{'*' if o.has_knee else ''}" for o in got)
-        print(f"[bench search] seeds {chunk} in {fit['wall_s']:.0f}s: {done}  (* = knee on the front)",
-              file=sys.stderr, flush=True)
-    wall = time.time() - t0
-    info["wall_s"] = round(wall, 1)
-    info["reports_per_s"] = round(info["reports"] / max(wall, 1e-9), 1)
-    info["fit_s_mean"] = round(float(np.mean(info["fit_s"])), 1)
-    del info["fit_s"]
-    return outcomes, info
-
-
-def _fit_once(strategies, seeds, milestones, eta, tie_break, per_search, searches_at_once, noise):
-    import functools
-    import shutil
-    import tempfile
-    import time
-
-    import ray
-    from ray import tune
-
-    from rayq.cluster.trainer import connect
-
-    connect(None, num_cpus=2, logging_level="ERROR")  # the embedded Ray: loopback only
-    points = []
-    for seed in seeds:
-        for strategy in strategies:
-            for k, r in enumerate(grid_order(seed)):
-                points.append({"recipe_id": r.recipe_id, "trial_seed": _seed(seed, k), "sim_seed": seed,
-                               "strategy": strategy})
-    factories = {s: functools.partial(make_scheduler, s, tuple(milestones), eta, tie_break) for s in strategies}
-    mux = _search_mux_class()(factories, per_search)
-    storage = tempfile.mkdtemp(prefix="rayq-bench-search-")
-    gate_name = f"rayq-sim-gate-{os.getpid()}-{time.time_ns()}"
-    gate = ray.remote(num_cpus=0)(_StartGate).options(name=gate_name).remote()
-    first_wave = min(per_search, len(paper_recipes()))
-    t0 = time.time()
-    try:
-        tuner = tune.Tuner(
-            tune.with_resources(simulated_trainable, {"CPU": 0.1}),
-            param_space={"sim": tune.grid_search(points), "noise": noise,
-                         "gate": {"name": gate_name, "first_wave": first_wave, "timeout_s": 120.0}},
-            tune_config=tune.TuneConfig(scheduler=mux, max_concurrent_trials=per_search * searches_at_once,
-                                        reuse_actors=True),
-            run_config=tune.RunConfig(name="sim", storage_path=storage, verbose=0),
-        )
-        grid = tuner.fit()
-        wall = time.time() - t0
-    finally:
-        try:
-            ray.kill(gate)
-        except Exception:  # noqa: BLE001 - the cluster may be gone already
-            pass
-        shutil.rmtree(storage, ignore_errors=True)
-    finals: dict[tuple, list] = {}
-    stopped: dict[tuple, set] = {}
-    reports = errors = 0
-    for res in grid:
-        if res.error is not None:
-            errors += 1
-            continue
-        sim = res.config["sim"]
-        k = (sim["strategy"], int(sim["sim_seed"]))
-        m = dict(res.metrics)
-        reports += int(m["step"]) // REPORT_EVERY
-        finals.setdefault(k, []).append(m)
-        if int(m["step"]) < TOTAL_STEPS:
-            stopped.setdefault(k, set()).add(m["recipe_id"])
-    outcomes = [score_search(seed, strat, finals.get((strat, seed), []), stopped.get((strat, seed), set()))
-                for strat in strategies for seed in seeds]
-    return outcomes, {"wall_s": round(wall, 1), "trials": len(points), "reports": reports, "errors": errors}

@@ -35,7 +35,9 @@ from rayq.cluster import evaluator
 from rayq.cluster.trainer import QueueReports, build_trainer
 from rayq.config import get_dotted
 from rayq.errors import UserError
+from rayq.run_dir import config_differences
 from rayq.schema import Config
+from rayq.search import dashboards
 from rayq.search import results as results_io
 from rayq.search.space import TUNE_POINTS_KEY
 
@@ -156,8 +158,14 @@ def trial_driver(trial_config: dict, *, base: dict, storage: str, objectives: li
         ray.tune.report({**carried, **row})
 
 
-def make_searcher(cfg: Config, objectives: list) -> Optional[Any]:
-    """Optuna through Ray Tune for nsga2/tpe/gp; None (Tune's variant generator) for grid/random."""
+def make_searcher(cfg: Config, objectives: list, constraints: Sequence[Any] = (),
+                  storage: Any = None) -> Optional[Any]:
+    """Optuna through Ray Tune for nsga2/tpe/gp; None (Tune's variant generator) for grid/random.
+
+    Hard limits and early stops reach every sampler as infeasible trials (`Trial.set_constraint`,
+    see `RecipeOptunaSearch`), never as value-less PRUNED ones. With `storage` (an Optuna storage,
+    e.g. `dashboards.optuna_storage(DIR)`) the study is kept there, so `optuna-dashboard` reads it.
+    """
     s = cfg.search
     if s.searcher in ("grid", "random"):
         return None
@@ -168,26 +176,106 @@ def make_searcher(cfg: Config, objectives: list) -> Optional[Any]:
         "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, multivariate=True, n_startup_trials=4),
         "gp": lambda: optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=4),
     }
-    return CompletedOnlyOptunaSearch(
-        total_steps=cfg.recipe.steps,
+    return RecipeOptunaSearch(
+        total_steps=cfg.recipe.steps, constraints=list(constraints),
         metric=[o.name for o in objectives], mode=[o.direction.tune for o in objectives],
-        sampler=samplers[s.searcher](), seed=s.seed)
+        sampler=samplers[s.searcher](), seed=s.seed,
+        **({"storage": storage, "study_name": dashboards.OPTUNA_STUDY} if storage is not None else {}))
 
 
-class CompletedOnlyOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna PRUNED for trials that did not finish their steps.
+FINISHED = "finished"  # the constraint "ran its own recipe.steps" (1 = stopped early)
 
-    Ray tells the searcher COMPLETE with the last values of an early-stopped trial; those partial
-    objectives would then sit in Optuna's front beside finished recipes and steer its sampler.
+
+class RecipeOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna what a trial's end means for the sampler.
+
+    Ray tells the searcher COMPLETE with the last values of every trial, stopped early or not.
+    Told as PRUNED (no values) instead, NSGA-II never counts stopped trials toward a generation
+    (a search where most trials are stopped stays in its random first generation) and TPE files
+    value-less multi-objective trials in its good group while few trials completed. So every
+    trial with finite values is told COMPLETE with constraint values (`Trial.set_constraint`,
+    <= 0 feasible): one per hard limit (by how much the final value misses the bound) and
+    `finished` (1 when the trial stopped before its own `recipe.steps`, searched or not).
+    Optuna's constrained domination then ranks every early-stopped or limit-violating trial
+    below every feasible one: NSGA-II's generations fill, and TPE's good group holds only
+    finished, feasible recipes. Diverged trials and errors are FAIL.
     """
 
-    def __init__(self, *args, total_steps: int, **kwargs):
+    def __init__(self, *args, total_steps: int, constraints: Sequence[Any] = (), **kwargs):
         super().__init__(*args, **kwargs)
-        self.total_steps = total_steps
+        self.total_steps = int(total_steps)
+        self.constraints = list(constraints)
+        self._trial_steps: dict[str, int] = {}
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):
+            self._trial_steps[trial_id] = int(recipe_values(config).get("recipe.steps", self.total_steps))
+        return config
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
-        finished = bool(result) and not result.get("diverged") and result.get("step", 0) >= self.total_steps
-        super().on_trial_complete(trial_id, result if finished else None, error)
+        ot_trial = self._ot_trials.get(trial_id)
+        values = [_as_float((result or {}).get(m)) for m in self.metric] if result else []
+        usable = bool(values) and not error and not (result or {}).get("diverged") \
+            and all(math.isfinite(v) for v in values)
+        if not usable:
+            super().on_trial_complete(trial_id, None, error=True)  # FAIL: no sampler learns from it
+            return
+        if ot_trial is not None and trial_id not in self._completed_trials:
+            steps = self._trial_steps.get(trial_id, self.total_steps)
+            for key, value in trial_constraints(result, self.constraints, steps).items():
+                ot_trial.set_constraint(key, value)
+        super().on_trial_complete(trial_id, result, error=False)
+
+
+def trial_constraints(result: dict, constraints: Sequence[Any], total_steps: int) -> dict[str, float]:
+    """Optuna constraint values of a trial (<= 0 feasible): per hard limit (keyed by its text),
+    how far the value misses the bound (a missing value misses by 1); `finished`: 1 if the
+    trial stopped before its steps."""
+    out = {}
+    for c in constraints:
+        v = _as_float(result.get(c.name))
+        out[str(c)] = 1.0 if not math.isfinite(v) else (c.value - v if c.op == ">=" else v - c.value)
+    out[FINISHED] = 0.0 if _as_float(result.get("step")) >= total_steps else 1.0
+    return out
+
+
+def _as_float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def make_scheduler(cfg: Config, objectives: list, constraints: Sequence[Any]) -> Any:
+    """The search's `MilestoneScheduler` from `search.*`, its state file relative to the search dir.
+
+    Milestones must be evaluation steps (a milestone between evaluations would be judged on the
+    previous evaluation's values, or on none).
+    """
+    from rayq.search.scheduler import MilestoneScheduler
+
+    s, every = cfg.search, cfg.train.eval_every
+    known = {o.name for o in objectives} | {c.name for c in constraints}
+    stray = sorted(set(s.noise_prior) - known)
+    if stray:
+        raise UserError(f"search.noise_prior: {stray[0]!r} is neither an objective nor a constraint metric "
+                        f"(known: {', '.join(sorted(known))})")
+    bad = [m for m in s.milestones if every == 0 or m % every]
+    if bad:
+        raise UserError(f"search.milestones: {bad[0]} is not an evaluation step; expected multiples of "
+                        f"train.eval_every={every}" if every else
+                        "search.milestones: train.eval_every is 0 (evaluation only at the end); expected "
+                        "eval_every > 0 dividing every milestone")
+    if s.rule == "dominance" and s.seeds_per_recipe < 2:
+        missing = [o.name for o in objectives if o.name not in s.noise_prior]
+        if missing:  # legal (recipes still stop on divergence and hard limits), but say so up front
+            print(f"rayq search: rule dominance has no noise estimate for {missing[0]!r} (seeds_per_recipe=1, "
+                  f"no search.noise_prior): no recipe will be stopped as dominated; set search.noise_prior "
+                  f"or search.seeds_per_recipe >= 2", file=sys.stderr)
+    return MilestoneScheduler(objectives, s.milestones, s.eta, hard_limits=constraints, rule=s.rule,
+                              stop_confidence=s.stop_confidence, eval_every=every,
+                              noise_prior=s.noise_prior, state_path=results_io.SCHEDULER_STATE)
 
 
 class ResultsWriter(Callback):
@@ -266,9 +354,8 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False, dashbo
 
     from rayq import data as data_io
     from rayq.cluster.trainer import connect
-    from rayq.search import dashboards
     from rayq.search.progress import ProgressTable, fit_on_stderr
-    from rayq.search.scheduler import MilestoneScheduler
+    from rayq.search.scheduler import state_dir
     from rayq.search.space import validate_search
 
     out_dir = Path(out_dir).resolve()
@@ -280,8 +367,19 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False, dashbo
         raise UserError(f"{out_dir}: holds a search already; pass --resume to continue it, or a new --out")
     if dashboard:
         dashboards.check_dashboard()
+    if not resume and (out_dir / results_io.SCHEDULER_STATE).exists():
+        raise UserError(f"{out_dir / results_io.SCHEDULER_STATE}: a search's state is here already; pass --resume "
+                        f"to continue that search, or a new --out (a fresh search never loads old decisions)")
+    if resume:
+        _refuse_changed_config(cfg, out_dir)
+    if resume and ray.tune.Tuner.can_restore(tune_dir) and not (out_dir / results_io.SCHEDULER_STATE).exists():
+        raise UserError(f"{out_dir / results_io.SCHEDULER_STATE}: missing; without it the scheduler would resume "
+                        f"with no memory of its decisions (restore the file, or start a new --out)")
+    with state_dir(out_dir):
+        scheduler = _scheduler_or_refuse(cfg, objectives, checked.constraints, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config_io.save(cfg, out_dir / "config.yaml")
+    if not (out_dir / "config.yaml").exists():  # a resumed search keeps the config it started with
+        config_io.save(cfg, out_dir / "config.yaml")
     data = data_io.prepare(cfg.data, cfg.model.vocab_size,
                            progress=lambda msg: print(msg, file=sys.stderr, flush=True))  # once
     url = connect(cfg.cluster.address, dashboard=dashboard)
@@ -294,19 +392,22 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False, dashbo
                                  objectives=names, data_dir=str(data.root)),
         {"CPU": cfg.search.trial_cpus})
     if resume and ray.tune.Tuner.can_restore(tune_dir):
-        tuner = ray.tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # the scheduler in tuner.pkl resolves its relative state path against this directory
+        # (the search may have moved) and reloads the state file there
+        with state_dir(out_dir):
+            tuner = ray.tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True,
+                                           resume_errored=True)
     else:
         if resume:
             print(f"rayq search: nothing to resume in {tune_dir}; starting the search", file=sys.stderr)
-        scheduler = MilestoneScheduler(objectives, cfg.search.milestones, cfg.search.eta,
-                                       hard_limits=checked.constraints,
-                                       state_path=str(out_dir / results_io.SCHEDULER_STATE))
         grid = cfg.search.searcher == "grid"
         tuner = ray.tune.Tuner(
             trainable,
             param_space=checked.space.to_tune(),
             tune_config=ray.tune.TuneConfig(
-                search_alg=make_searcher(cfg, objectives), scheduler=scheduler,
+                search_alg=make_searcher(cfg, objectives, checked.constraints,
+                                         storage=dashboards.optuna_storage(out_dir)),
+                scheduler=scheduler,
                 num_samples=1 if grid else cfg.search.num_samples,
                 max_concurrent_trials=cfg.search.max_concurrent),
             run_config=ray.tune.RunConfig(
@@ -317,6 +418,29 @@ def run_search(cfg: Config, out_dir: str | Path, *, resume: bool = False, dashbo
                 verbose=0))  # Ray's own table (stdout, no stop decisions) off: ProgressTable prints ours
     fit_on_stderr(tuner)  # stdout carries only the results of `rayq search`
     return finish(cfg, out_dir, objectives, checked.constraints)
+
+
+def _refuse_changed_config(cfg: Config, out_dir: Path) -> None:
+    """`--resume` continues the same search (as `Tuner.restore` is meant for): a config that differs
+    from the one the search started with is refused, naming the keys, before anything runs."""
+    saved_path = out_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = config_io.resolve(config_file=saved_path)
+    differ = config_differences(config_io.to_dict(saved), config_io.to_dict(cfg))
+    if differ:
+        more = f" (+{len(differ) - 3} more)" if len(differ) > 3 else ""
+        raise UserError(f"{saved_path}: --resume continues the search started with this config, but "
+                        f"{', '.join(differ[:3])}{more} differ; resume with the same flags, or start a new --out")
+
+
+def _scheduler_or_refuse(cfg: Config, objectives: list, constraints: Sequence[Any], out_dir: Path) -> Any:
+    """Build the scheduler; a saved state of other settings (milestones, eta, rule, ...) is refused
+    in one line, so a resumed search never continues under different rules."""
+    try:
+        return make_scheduler(cfg, objectives, constraints)
+    except ValueError as exc:
+        raise UserError(f"{out_dir / results_io.SCHEDULER_STATE}: {exc}") from None
 
 
 def finish(cfg: Config, out_dir: Path, objectives: list, constraints: list) -> SearchOutcome:

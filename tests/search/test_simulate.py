@@ -54,41 +54,94 @@ def test_scoring_a_search():
               {"recipe_id": "0/wd0.01-gc1-do0-fp16", "step": 75000, sim.ACC: 65.0, sim.DEG: -2.0},
               {"recipe_id": "0/wd0.01-gc1-do0-bf16", "step": 15000, sim.ACC: 70.0, sim.DEG: 5.0}]
     o = sim.score_search(0, "x", finals, stopped={"0/wd0.01-gc1-do0-bf16"})
-    assert o.trial_steps == 3 * 75000 + 15000 and o.fraction == pytest.approx(240000 / 300000)
+    assert o.trial_steps == 3 * 75000 + 15000 and o.fraction == pytest.approx(240000 / (11 * 75000))  # of the whole grid
     assert o.front == ("wd0.001-gcnone-do0-bf16", "wd0.1-gc1-do0-bf16") and o.has_knee and o.has_true_front
 
 
-def test_offline_loop_with_the_scheduler():
-    from ray.tune.schedulers import FIFOScheduler
+def test_scoring_metrics_at_true_values():
+    truth = {r.recipe_id: r for r in sim.paper_recipes()}
 
-    from rayq.search.scheduler import MilestoneScheduler
+    def row(rid, step=75000, da=0.0, dd=0.0):
+        return {"recipe_id": f"0/{rid}", "step": step, sim.ACC: truth[rid].acc + da, sim.DEG: truth[rid].deg + dd}
 
-    full = sim.run_offline(FIFOScheduler(), 3)
+    everything = sim.score_search(0, "x", [row(r) for r in truth])
+    assert everything.hv_regret == pytest.approx(0.0) and everything.front_recall == 1.0
+    assert everything.pick_truly_pareto and everything.has_knee
+    # a noisy measurement puts a dominated recipe on the front and picks it: not truly Pareto
+    fooled = sim.score_search(0, "x", [row("wd0.01-gc1-do0-fp16", da=3.0, dd=3.0), row("wd0.1-gcnone-do0-bf16")])
+    assert fooled.front == ("wd0.01-gc1-do0-fp16",) and not fooled.pick_truly_pareto
+    assert fooled.front_recall == 0.0 and 0 < fooled.hv_regret <= 1
+    assert sim.score_search(0, "x", []).hv_regret == 1.0
+
+
+def test_hypervolume_2d():
+    from rayq.search.pareto import hypervolume_2d
+
+    assert hypervolume_2d([(2, 2)], (0, 0)) == 4
+    assert hypervolume_2d([(2, 1), (1, 2), (1, 1), (-1, 5)], (0, 0)) == 3  # dominated and below-reference rows add nothing
+    assert hypervolume_2d([], (0, 0)) == 0
+
+
+def test_offline_loop_with_the_schedulers():
+    from rayq.search import offline
+
+    full = offline.run_offline(offline.Strategy("no-stopping"), 3)
     assert full.fraction == 1.0 and len(full.completed) == 11
-    s = MilestoneScheduler(sim.OBJECTIVES, [5000, 15000, 45000], 3, verbose=False)
-    early = sim.run_offline(s, 3)
-    assert early.fraction < 0.6 and len(early.completed) < 11
-    # stopped recipes never reach the front
-    assert not set(early.front) & {d.recipe_id for d in s.stopped_trials().values()}
+    for strategy in (offline.Strategy("dominance", 0.9), offline.Strategy("moasha", 3.0)):
+        s = offline.make_scheduler(strategy)
+        early = offline.run_offline(strategy, 3, scheduler=s)
+        assert early.fraction < 0.9 and len(early.completed) < 11
+        # stopped recipes never reach the front
+        assert not set(early.front) & {d.recipe_id for d in s.stopped_trials().values()}
+    # the pilot's extra seeds cost compute and give the rule replicates
+    pilot = offline.Strategy("dominance-pilot", 0.9)
+    s = offline.make_scheduler(pilot)
+    offline.run_offline(pilot, 3, scheduler=s)
+    assert any(d.noise_source and "replicates@5000" in d.noise_source for d in s.decisions)
+    # late re-ranking keeps the table's finals (the truth) but changes the curves
+    r = sim.paper_recipes()[0]
+    plain, late = sim.trial_reports(r, 1, 0.0), sim.trial_reports(r, 1, 0.0, late=0.6)
+    assert late[-1][sim.DEG] == pytest.approx(plain[-1][sim.DEG]) and late[8][sim.DEG] > plain[8][sim.DEG] + 0.3
 
 
-def test_bench_offline_prints_json(capsys):
+def test_wilson_and_bootstrap():
+    from rayq.search.bench import bootstrap, wilson
+
+    lo, hi = wilson(180, 200)
+    assert lo < 0.9 < hi and hi - lo < 0.1
+    assert wilson(200, 200)[1] == 1.0 and wilson(0, 200)[0] == 0.0
+    lo, hi = bootstrap([0.0, 1.0] * 100)
+    assert lo < 0.5 < hi
+
+
+def test_bench_offline_prints_json(capsys, tmp_path):
     from rayq.search.bench import main
 
-    assert main(["--offline", "--seeds", "3", "--json"]) == 0
+    png = tmp_path / "curves.png"
+    assert main(["--offline", "--seeds", "2", "--json", "--strategies", "dominance,moasha,no-stopping",
+                 "--plot", str(png)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out["strategies"]) == {"mo-milestones", "no-stopping", "weighted-asha", "mo-15k"}
-    assert out["strategies"]["no-stopping"]["compute_fraction"] == 1.0
-    assert out["true_best_knee"] == "wd0.1-gc1-do0-bf16"
+    assert out["default_strategy"] == "dominance"
+    assert set(out["strategies"]) == {"dominance", "moasha", "no-stopping"}
+    ns = out["strategies"]["no-stopping"]
+    assert ns["compute_fraction"] == 1.0 and ns["seeds"] == 2
+    for key in ("recovered_knee", "recovered_knee_ci", "pick_truly_pareto", "hv_regret", "front_recall"):
+        assert key in out["strategies"]["dominance"]
+    assert [c["dial"] for c in out["curves"]["dominance"]] == [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95]
+    assert set(out["noise_sweep"]) == {"0.25", "0.5", "1", "2"} and "dominance" in out["late_reranking"]
+    assert "moasha" in out["equal_compute"] and out["true_best_knee"] == "wd0.1-gc1-do0-bf16"
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_bad_input():
     from rayq.errors import UserError
     from rayq.search.bench import main
 
-    for argv in (["--strategies", "hyperband"], ["--milestones", "0"], ["--milestones", "x"], ["--seeds", "0"]):
+    for argv in (["--strategies", "hyperband"], ["--p", "0.2"], ["--eta", "1"], ["--seeds", "0"]):
         with pytest.raises(UserError):
             main(argv + ["--offline"])
+    with pytest.raises(UserError, match="--plot"):
+        main(["--plot", "x.png"])
 
 
 @pytest.mark.ray
@@ -99,5 +152,5 @@ def test_bench_quick_through_ray_tune(capfd):
     out = json.loads(capfd.readouterr().out)  # stdout stays pure JSON although Tune prints banners
     s = out["strategies"]
     assert s["no-stopping"]["compute_fraction"] == 1.0 and s["no-stopping"]["completed_recipes"] == 11
-    assert s["mo-milestones"]["compute_fraction"] < 1.0
+    assert s["dominance"]["compute_fraction"] < 1.0
     assert out["timing"]["errors"] == 0

@@ -1,0 +1,152 @@
+"""Ray-free simulated searches: the real scheduler classes driven by a lockstep loop.
+
+This is the benchmark's figure (`rayq bench search --offline`): hundreds of searches in minutes,
+with the same `MilestoneScheduler` (and Ray's `ASHAScheduler` / `FIFOScheduler` for the
+baselines) that `rayq search` hands to Tune. Tune mode (`simulate_tune.run_tune`) confirms it on 20.
+
+One search: the 11 recipes of the paper-axes grid (`simulate.grid_order`, shuffled per search)
+start in that order, at most `max_concurrent` trials at once; every tick each running trial
+delivers its next report (in a random order within the tick) and gets the scheduler's decision.
+
+Strategies (`STRATEGIES`; each has one dial, swept by the benchmark):
+- `dominance` (what `rayq search` uses by default: `rule: dominance`): stop when dominated beyond
+  noise with probability >= p (dial p), from 5000 steps on, an evaluation every 5000, one seed
+  per recipe, σ from a configured prior (`search.noise_prior`): the between-seed sd of the
+  final values under the simulator's DEFAULT noise model (`simulate.seed_sd()`, 0.18 points on
+  both objectives). The prior stays fixed when the noise sweep scales the simulated noise, so
+  the sweep also measures a misspecified prior.
+- `dominance-pilot`: the same rule with σ from a replicate pilot the search schedules itself:
+  the first `PILOT_RECIPES` recipes of the grid get `PILOT_SEEDS` extra seeds (trials sharing
+  their `recipe_id`) that run to the first milestone (5000) only; later steps carry that σ
+  forward (Student-t with the pilot's degrees of freedom). Its compute is counted.
+- `moasha`: `rule: moasha` at the ASHA ladder 5000/15000/45000 (dial η).
+- `weighted-asha@w`: Ray's `ASHAScheduler` on acc + w·degradation_pct, grace 5000 (dial η),
+  reported at several w: a single fixed weight is answer-aware (w = 1 makes the knee the optimum).
+- `no-stopping`: FIFO, the whole grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import numpy as np
+
+from rayq.search import simulate as sim
+
+__all__ = ["Strategy", "STRATEGIES", "DIALS", "make_scheduler", "run_offline", "PILOT_RECIPES", "PILOT_SEEDS"]
+
+STRATEGIES = ("dominance", "dominance-pilot", "moasha", "weighted-asha", "no-stopping")
+DIALS = {  # the dial each strategy is swept over in the benchmark's curves
+    "dominance": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95),
+    "dominance-pilot": (0.7, 0.8, 0.9, 0.95, 0.975),
+    "moasha": (2.0, 3.0, 4.0, 6.0),
+    "weighted-asha": (2.0, 3.0, 4.0, 6.0),
+    "no-stopping": (None,),
+}
+WEIGHTS = (0.5, 1.0, 2.0)  # weighted ASHA: acc + w * degradation_pct
+MOASHA_MILESTONES = (5000, 15000, 45000)
+FIRST_MILESTONE = 5000
+PILOT_RECIPES = 2
+PILOT_SEEDS = 2
+LATE_SHARE = 1 / 3  # share of recipes with late re-ranking in the "late" variant
+LATE_JUMP = 0.6  # points of degradation that arrive during the LR decay in that variant
+
+
+@dataclass(frozen=True)
+class Strategy:
+    family: str  # one of STRATEGIES
+    dial: Optional[float] = None  # p for dominance, eta for moasha / weighted-asha
+    weight: Optional[float] = None  # weighted-asha only
+
+    @property
+    def name(self) -> str:
+        return f"weighted-asha@{self.weight:g}" if self.family == "weighted-asha" else self.family
+
+    @property
+    def label(self) -> str:
+        return self.name if self.dial is None else f"{self.name}:{self.dial:g}"
+
+    @property
+    def pilot(self) -> bool:
+        return self.family == "dominance-pilot"
+
+
+def make_scheduler(strategy: Strategy) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from rayq.search.scheduler import MilestoneScheduler
+
+    f = strategy.family
+    if f in ("dominance", "dominance-pilot"):
+        return MilestoneScheduler(sim.OBJECTIVES, [FIRST_MILESTONE], rule="dominance",
+                                  stop_confidence=strategy.dial, eval_every=sim.REPORT_EVERY,
+                                  max_t=sim.TOTAL_STEPS, noise_prior=sim.seed_sd() if f == "dominance" else None,
+                                  verbose=False)
+    if f == "moasha":
+        return MilestoneScheduler(sim.OBJECTIVES, MOASHA_MILESTONES, strategy.dial, rule="moasha", verbose=False)
+    if f == "weighted-asha":
+        return ASHAScheduler(time_attr="step", metric="weighted", mode="max", max_t=sim.TOTAL_STEPS,
+                             grace_period=FIRST_MILESTONE, reduction_factor=strategy.dial)
+    if f == "no-stopping":
+        return FIFOScheduler()
+    raise ValueError(f"unknown strategy {f!r} (known: {', '.join(STRATEGIES)})")
+
+
+def run_offline(strategy: Strategy, sim_seed: int, *, max_concurrent: int = 8, noise: float = 1.0,
+                late: bool = False, scheduler: Any = None) -> sim.SearchOutcome:
+    """One simulated search under `strategy`; scored at the recipes' true values."""
+    scheduler = scheduler if scheduler is not None else make_scheduler(strategy)
+    rng = np.random.default_rng(sim._seed("offline", sim_seed))
+    order = sim.grid_order(sim_seed)
+    late_rng = np.random.default_rng(sim._seed("late", sim_seed))
+    late_ids = ({order[i].recipe_id for i in late_rng.choice(len(order), round(LATE_SHARE * len(order)), replace=False)}
+                if late else set())
+    weight = strategy.weight if strategy.weight is not None else sim.WEIGHT
+
+    def reports(r, seed, upto=None):
+        reps = sim.trial_reports(r, seed, noise, late=LATE_JUMP if r.recipe_id in late_ids else 0.0)
+        return iter([{**x, "weighted": x[sim.ACC] + weight * x[sim.DEG]} for x in reps
+                     if upto is None or x["step"] <= upto])
+
+    pending = []  # (trial, report iterator, recipe id, is the recipe's main trial)
+    for k, r in enumerate(order):
+        pending.append((SimpleNamespace(trial_id=f"{sim_seed}_{k}", config={}), reports(r, sim._seed(sim_seed, k)),
+                        r.recipe_id, True))
+        if strategy.pilot and k < PILOT_RECIPES:
+            for e in range(PILOT_SEEDS):
+                pending.append((SimpleNamespace(trial_id=f"{sim_seed}_{k}_pilot{e}", config={}),
+                                reports(r, sim._seed(sim_seed, k, "pilot", e), FIRST_MILESTONE), r.recipe_id, False))
+    running: list = []
+    finals: list = []
+    stopped: set = set()
+    spent = 0
+    while pending or running:
+        while pending and len(running) < max_concurrent:
+            trial, it, rid, main = pending.pop(0)
+            scheduler.on_trial_add(None, trial)
+            running.append((trial, it, rid, main, {}))
+        for idx in rng.permutation(len(running)).tolist():
+            trial, it, rid, main, last = running[idx]
+            rep = next(it, None)
+            if rep is None:
+                last["done"] = True
+                continue
+            rep = {**rep, "recipe_id": rid}
+            last.update(rep)
+            if scheduler.on_trial_result(None, trial, rep) == "STOP":
+                last["done"] = True
+                if main and int(rep["step"]) < sim.TOTAL_STEPS:
+                    stopped.add(rid)
+        still = []
+        for trial, it, rid, main, last in running:
+            if last.get("done"):
+                scheduler.on_trial_complete(None, trial, last)
+                spent += int(last.get("step", 0))
+                if main:
+                    finals.append({k: v for k, v in last.items() if k != "done"})
+            else:
+                still.append((trial, it, rid, main, last))
+        running = still
+    return sim.score_search(sim_seed, strategy.label, finals, stopped, spent=spent)
