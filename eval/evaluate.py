@@ -55,8 +55,9 @@ def default_quantizer(calibration: Optional[Sequence[torch.Tensor]] = None, back
     """
     def quantize(model: nn.Module, scheme: str) -> nn.Module:
         from rayq.kernels import quantize_, scheme_from_name
+        from rayq.model import BLOCK_LINEARS
 
-        q = quantize_(model, scheme_from_name(scheme), inplace=False, backend=backend,
+        q = quantize_(model, scheme_from_name(scheme), layers=BLOCK_LINEARS, inplace=False, backend=backend,
                       calibration=list(calibration) if calibration is not None else None)
         return q.eval()
 
