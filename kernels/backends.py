@@ -164,6 +164,16 @@ def _linear_runner(form: str, M: int, K: int, N: int) -> Callable[[], object]:
     return lambda: gemm.w8a8_core(x, w, w_scale, bias, None, None, False, comp)
 
 
+def reference_kernels(times_ms: dict[str, float], base: str = "int_mm_s8s8") -> dict[str, str]:
+    """The paths so much slower than plain `_int_mm` that oneDNN must be running its scalar
+    reference kernel (`ref_int8`), with the reason; `base` itself is never excluded."""
+    ref = times_ms.get(base)
+    if not ref:
+        return {}
+    return {name: f"{t / ref:.0f}x slower than _int_mm: oneDNN reference kernel (ref_int8)"
+            for name, t in times_ms.items() if name != base and t > REFERENCE_KERNEL_SLOWDOWN * ref}
+
+
 def probe_cpu(cls: str, rounds: int = PROBE_ROUNDS) -> dict[str, Any]:
     """Measure the CPU paths for one shape class: exactness, then interleaved timings."""
     M, K, N = _probe_shape(cls)
@@ -188,10 +198,7 @@ def probe_cpu(cls: str, rounds: int = PROBE_ROUNDS) -> dict[str, Any]:
                 f()
                 times[name].append(time.perf_counter() - t0)
     med = {k: round(statistics.median(v) * 1e3, 4) for k, v in times.items()}
-    base = med.get("int_mm_s8s8")
-    for name in list(med):
-        if base and med[name] > REFERENCE_KERNEL_SLOWDOWN * base:
-            excluded[name] = f"{med[name] / base:.0f}x slower than _int_mm: oneDNN reference kernel (ref_int8)"
+    excluded.update(reference_kernels(med))
     usable = {k: v for k, v in med.items() if k not in excluded}
     best = min(usable, key=usable.get) if usable else "int_mm_s8s8"
     return {"backend": best, "shape": [M, K, N], "times_ms": med, "excluded": excluded,
