@@ -17,10 +17,12 @@ without AMX bf16 was 0.5x fp32, and there the recipe's numerics are what matter,
 the kernel. The choice and its reason are in `PrecisionPolicy.reason` and on stderr.
 
 The round trip x -> half -> fp32 is two passes with a half-size temporary (~2.6 ns/element
-eagerly). Large tensors go through one torch.compile'd elementwise kernel instead, compiled with
-Inductor's `emulate_precision_casts` (without it Inductor drops the round trip as a no-op and
-the tensor is NOT rounded) and used only after a self-check that it rounds bit-identically to
-the eager casts on overflow, subnormal, tie and NaN values; otherwise the eager casts run.
+eagerly). With RAYQ_FUSED_ROUNDING=1, large tensors go through one torch.compile'd elementwise
+kernel instead, compiled with Inductor's `emulate_precision_casts` (without it Inductor drops the
+round trip as a no-op and the tensor is NOT rounded) and used only after a self-check that it
+rounds bit-identically to the eager casts on overflow, subnormal, tie and NaN values. It is
+opt-in because the compile costs 40 s or more per process on a loaded 2-core machine (every Ray
+worker and every test process would pay it); `rayq bench train` measures both.
 
 `layernorm_fp32` keeps LayerNorm in fp32 in both modes (nanoGPT and Megatron do this); when off,
 LayerNorm runs in (or is rounded to) the half dtype.
@@ -71,9 +73,9 @@ def _self_check(fn: Callable[[torch.Tensor, torch.dtype], torch.Tensor]) -> bool
 
 
 def fused_round() -> Optional[Callable[[torch.Tensor, torch.dtype], torch.Tensor]]:
-    """The compiled round trip once it passed `_self_check` in this process, else None.
-    RAYQ_FUSED_ROUNDING=0 keeps the eager casts."""
-    if os.environ.get("RAYQ_FUSED_ROUNDING", "1") == "0":
+    """The compiled round trip once it passed `_self_check` in this process, else None (also
+    when RAYQ_FUSED_ROUNDING=1 is not set: the eager casts run)."""
+    if os.environ.get("RAYQ_FUSED_ROUNDING", "0") != "1":
         return None
     with _fused_lock:
         if "fn" not in _fused:

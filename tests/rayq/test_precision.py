@@ -116,8 +116,14 @@ def test_rounding_self_check_rejects_a_round_trip_that_does_not_round():
     assert not precision._self_check(lambda x, dtype: x.clone())
 
 
+def test_fused_rounding_is_opt_in(monkeypatch):
+    monkeypatch.delenv("RAYQ_FUSED_ROUNDING", raising=False)
+    assert precision.fused_round() is None
+
+
 @pytest.mark.slow
-def test_fused_rounding_agrees_with_native_on_overflow_and_underflow():
+def test_fused_rounding_agrees_with_native_on_overflow_and_underflow(monkeypatch):
+    monkeypatch.setenv("RAYQ_FUSED_ROUNDING", "1")
     fn = precision.fused_round()  # compiles once (slow); None if it failed its self-check
     if fn is None:
         pytest.skip("the compiled round trip is not exact here; the eager casts are used")
