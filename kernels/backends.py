@@ -40,7 +40,8 @@ from . import gemm, machine
 Tensor = torch.Tensor
 
 REFERENCE_KERNEL_SLOWDOWN = 20.0  # oneDNN's ref_int8 is ~1000x slower; real kernels are within ~3x
-PROBE_ROUNDS = 3
+PROBE_ROUNDS = 5
+COMPILED_GAIN = 1.25  # compiled vs eager `_int_mm` W8A8 linear at large shapes (see `choose`)
 PROBE_KN = 1024  # K = N of the timed probe shape: ~1 G multiply-adds at M = 1024, a few ms
 # shape classes by tokens per call: decode-like, eval batches, large prefill
 SHAPE_CLASSES = (("m<=32", 32, 16), ("m<=512", 512, 256), ("m>512", None, 1024))
@@ -228,9 +229,22 @@ def choice(cls: str) -> dict[str, Any]:
         return entry
 
 
-def choose(M: int) -> str:
-    """The CPU W8A8 form ("s8s8", "u8s8" or "onednn") for a call with M tokens."""
-    return CPU_FORMS[choice(shape_class(M))["backend"]]
+def choose(M: int, compiles: bool = False) -> str:
+    """The CPU W8A8 form ("s8s8", "u8s8" or "onednn") for a call with M tokens.
+
+    The probe times eager forms only (compiling in a probe would cost 10-90 s on first use).
+    When the call is big enough for the compiled `_int_mm` form (`compiles`), that form gains
+    ~COMPILED_GAIN over its eager timing (fused quantize and dequant passes; measured 1.24-1.30x
+    at 2048x4096x4096 here), so oneDNN's eager path is kept only if it beat the best eager
+    `_int_mm` form by more than that.
+    """
+    entry = choice(shape_class(M))
+    best = entry["backend"]
+    if compiles and best == "onednn_qlinear":
+        times = {k: v for k, v in entry.get("times_ms", {}).items() if k.startswith("int_mm") and k not in entry.get("excluded", {})}
+        if times and entry["times_ms"].get(best, 0) * COMPILED_GAIN > min(times.values()):
+            best = min(times, key=times.get)
+    return CPU_FORMS[best]
 
 
 def forget() -> None:
