@@ -62,6 +62,55 @@ def _ray(cfg) -> float:
     return _steady(rows)
 
 
+def precision_report(cfg, data, fp32_tokens_per_s: float, say, fused: bool = True) -> dict:
+    """bf16 native vs emulated, emulated fp16 (eager and fused rounding) and what
+    `precision_mode: auto` picks on this CPU, each as tokens/s of the rayq loop (same data)."""
+    from rayq import config as config_io
+    from rayq import precision
+
+    def rate(prec: str, mode: str) -> float:
+        return _local(config_io.with_values(cfg, {"recipe.precision": prec, "recipe.precision_mode": mode}), data)
+
+    out: dict = {"fp32_tokens_per_s": fp32_tokens_per_s}
+    for prec, mode in (("bf16", "native"), ("bf16", "emulated"), ("fp16", "emulated")):
+        say(f"rayq loop without Ray ({mode} {prec})")
+        out[f"{prec}_{mode}_tokens_per_s"] = rate(prec, mode)
+    if not fused:  # the compile alone takes 40 s or more here: not in a smoke test
+        out["fp16_emulated_fused_tokens_per_s"] = None
+    else:
+        say("rayq loop without Ray (emulated fp16, fused compiled rounding; includes one compile in warm-up)")
+        out.update(_fused_fp16(rate))
+    probe = precision.native_bf16_probe()
+    auto = precision.PrecisionPolicy.from_recipe(config_io.with_values(cfg, {"recipe.precision": "bf16"}).recipe, "cpu")
+    out["auto_bf16_mode"], out["auto_bf16_reason"], out["bf16_probe"] = auto.mode, auto.reason, probe
+    bf16 = out["bf16_native_tokens_per_s"]
+    out["bf16_native_vs_fp32"] = bf16 / fp32_tokens_per_s
+    out["bf16_native_slower_than_fp32"] = bf16 < fp32_tokens_per_s  # where true, auto should emulate
+    out["fp16_emulated_vs_bf16_native"] = out["fp16_emulated_tokens_per_s"] / bf16
+    if out["fp16_emulated_fused_tokens_per_s"]:
+        out["fp16_emulated_fused_vs_bf16_native"] = out["fp16_emulated_fused_tokens_per_s"] / bf16
+        out["fp16_fused_vs_eager_rounding"] = out["fp16_emulated_fused_tokens_per_s"] / out["fp16_emulated_tokens_per_s"]
+    return out
+
+
+def _fused_fp16(rate) -> dict:
+    """Emulated fp16 with RAYQ_FUSED_ROUNDING=1 for this one run (the env is restored after)."""
+    import os
+
+    from rayq import precision
+
+    before = os.environ.get("RAYQ_FUSED_ROUNDING")
+    os.environ["RAYQ_FUSED_ROUNDING"] = "1"
+    try:
+        return {"fp16_emulated_fused_tokens_per_s": rate("fp16", "emulated"),
+                "fused_rounding_active": precision.fused_round() is not None}
+    finally:
+        if before is None:
+            os.environ.pop("RAYQ_FUSED_ROUNDING", None)
+        else:
+            os.environ["RAYQ_FUSED_ROUNDING"] = before
+
+
 def main(argv: list[str]) -> int:
     from rayq.commands import add_config_args, make_parser, parse_args
 
@@ -70,6 +119,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="tiny preset, few steps, no Ray (a smoke test)")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray Train measurement")
+    parser.add_argument("--no-precision", action="store_true",
+                        help="skip the bf16 native/emulated and emulated-fp16 (eager/fused rounding) runs")
     parser.add_argument("--json", action="store_true")
     args = parse_args(parser, argv)
     import torch
@@ -103,5 +154,7 @@ def main(argv: list[str]) -> int:
         out["ray_overhead_vs_local"] = 1 - out["ray_fp32_tokens_per_s"] / out["rayq_fp32_tokens_per_s"]
     out["loop_overhead_vs_bare"] = 1 - out["rayq_fp32_tokens_per_s"] / out["bare_fp32_tokens_per_s"]
     out["bf16_speedup_vs_fp32"] = out["rayq_bf16_tokens_per_s"] / out["rayq_fp32_tokens_per_s"]
+    if not args.no_precision:
+        out["precision"] = precision_report(cfg, data, out["rayq_fp32_tokens_per_s"], say, fused=not args.quick)
     print(json.dumps(out, indent=None if args.json else 1))
     return 0

@@ -32,6 +32,7 @@ from rayq.eval.scoring import Progress, TaskScores, as_tokenizer, encode_task, m
 from rayq.eval.tasks import PERPLEXITY, LastWord, MultipleChoice, Task, get_spec, load_tasks
 from rayq.kernels import quantize_, scheme_from_name
 from rayq.kernels.schemes import SchemeError, scheme_class
+from rayq.model import BLOCK_LINEARS
 from rayq.schema import Config, EvalConfig
 from rayq.train import EvalHook
 
@@ -67,7 +68,7 @@ def default_quantizer(calibration: Optional[Sequence[torch.Tensor]] = None, back
     GEMM path (auto | eager | compiled | reference).
     """
     def quantize(model: nn.Module, scheme: str) -> nn.Module:
-        q = quantize_(model, scheme_from_name(scheme), inplace=False, backend=backend,
+        q = quantize_(model, scheme_from_name(scheme), layers=BLOCK_LINEARS, inplace=False, backend=backend,
                       calibration=list(calibration) if calibration is not None else None)
         return q.eval()
 

@@ -1,23 +1,27 @@
-"""`rayq bench int8`: speed of the W8A8 vector-wise linear and of whole quantized models.
+"""`rayq bench int8`: the W8A8 vector-wise linear against bf16 and fp32 `nn.Linear`, per CPU.
 
-Prints JSON on stdout (--json) or a table; progress goes to stderr. Every comparison is made in
-the same process with the candidates interleaved round-robin (fp32, bf16, W8A8, ... then again),
-and the median is reported: on a shared 2-core machine, load from other processes then hits all
-candidates alike instead of whichever happened to run during a spike. The allocator is set to
-keep pages first (`rayq.allocator.keep_pages`) and recorded, since it moves the results ~2x.
+Prints JSON on stdout (--json) or a table; progress goes to stderr. In each comparison the
+candidates run in the same process, interleaved round-robin (fp32, bf16, W8A8, ... then again),
+and the median of the rounds is reported: on a shared 2-core machine, load from other processes
+then hits all candidates alike. The allocator moves results ~2x, so the bench runs twice: in this
+process with pages kept (`rayq.kernels.allocator.keep_pages`, "tuned") and in a child process
+with the system allocator untouched ("system"); both are reported.
 
-The W8A8 figure includes activation quantization, the INT8 GEMM, dequantization and the bias:
-what a `W8A8Linear` forward costs. `w8a8_ms` is the backend "auto" picks; eager and compiled are
-listed too, with the first-call compile time. torchao / bitsandbytes run side by side only if
-importable (they are not project dependencies).
+The W8A8 figures include activation quantization, the INT8 GEMM, dequantization and the bias:
+what a `W8A8Linear` forward costs. `w8a8_auto_ms` is the module as users run it (the path the
+per-machine probe chose, `rayq.kernels.backends`); every exact path is timed too, eagerly, plus
+the torch.compile-fused `_int_mm` form and torchao's compiled int8 linear when torchao is
+importable (not a project dependency). The probe's choices, CPU model and flags are recorded.
+Whole-model timings are `rayq bench eval` (rayq.eval.bench).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Optional
@@ -25,26 +29,26 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from . import gemm
+from . import allocator, backends, gemm, machine
 from .quantize import quantize_
 from .schemes import W8A8Vectorwise
 
-FULL_M = (1, 16, 256, 2048)
-FULL_KN = ((1024, 1024), (4096, 4096), (4096, 16384))
-QUICK_SHAPES = ((16, 1024, 1024), (256, 1024, 1024))
+FULL_SHAPES = ((256, 4096, 4096), (2048, 4096, 4096))
+QUICK_SHAPES = ((16, 256, 256), (64, 512, 256))
+LEGS = ("tuned", "system")
 
 
 def _log(msg: str) -> None:
     print(f"[bench int8] {msg}", file=sys.stderr, flush=True)
 
 
-def race(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median ms per candidate, the candidates interleaved round-robin."""
+def race(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median ms per candidate over `rounds`, the candidates interleaved round-robin."""
     for f in fns.values():
         for _ in range(warmup):
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for k, f in fns.items():
             t0 = time.perf_counter()
             f()
@@ -62,244 +66,178 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return round(a / b, 3) if a and b else None
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _w8a8(linear: nn.Linear, backend: str) -> nn.Module:
-    return quantize_(nn.Sequential(linear), W8A8Vectorwise(), layers="all", inplace=False, backend=backend)
+    return quantize_(nn.Sequential(linear), W8A8Vectorwise(), inplace=False, backend=backend)
 
 
-def bench_linear(M: int, K: int, N: int, repeats: int, compiled: bool, bf16_frozen: bool) -> dict:
-    torch.manual_seed(0)
-    lin = nn.Linear(K, N)
-    lin_bf16 = nn.Linear(K, N).to(torch.bfloat16)
-    lin_bf16.load_state_dict(lin.state_dict())
-    x = torch.randn(M, K)
-    xb = x.to(torch.bfloat16)
-    row: dict = {"M": M, "K": K, "N": N}
-    q_eager = _w8a8(lin, "eager")
-    q_auto = _w8a8(lin, "auto")
-    layer = q_auto[0]
-    row["auto_backend"] = "compiled" if layer._use_compiled(x) else "eager"
-    xq = gemm.quantize_symmetric(x, gemm.absmax_rows(x))
-    wq = layer.qweight
-    fns: dict[str, Callable[[], object]] = {
-        "fp32_ms": lambda: lin(x),
-        "bf16_ms": lambda: lin_bf16(xb),
-        "w8a8_eager_ms": lambda: q_eager(x),
-        "int_mm_s8_ms": lambda: torch._int_mm(xq, wq.t()),
-    }
-    if gemm.supports_u8():
-        fns["int_mm_u8_ms"] = lambda: torch._int_mm(xq.view(torch.uint8) ^ 128, wq.t())
-    if compiled:
-        q_comp = _w8a8(lin, "compiled")
-        row["compile_first_call_s"] = _timed_first_call(lambda: q_comp(x))
-        fns["w8a8_compiled_ms"] = lambda: q_comp(x)
-    if bf16_frozen:
-        # the strongest bf16 baseline here: Inductor with freezing packs the weight for oneDNN.
-        # (freezing is fine for bf16; it is the INT8 pattern that it sends to a scalar kernel)
-        frozen = torch.compile(lin_bf16, options={"freezing": True})
-        _timed_first_call(lambda: frozen(xb))
-        fns["bf16_frozen_ms"] = lambda: frozen(xb)
-    with torch.no_grad():
-        row.update(race(fns, repeats))
-    row["w8a8_ms"] = row.get("w8a8_compiled_ms") if row["auto_backend"] == "compiled" and compiled else row["w8a8_eager_ms"]
-    best_w8a8 = min(v for k, v in row.items() if k in ("w8a8_eager_ms", "w8a8_compiled_ms"))
-    row["w8a8_best_ms"] = best_w8a8
-    row["speedup_vs_fp32"] = _ratio(row["fp32_ms"], row["w8a8_ms"])
-    row["speedup_vs_bf16"] = _ratio(row["bf16_ms"], row["w8a8_ms"])
-    row["best_speedup_vs_fp32"] = _ratio(row["fp32_ms"], best_w8a8)
-    row["best_speedup_vs_bf16"] = _ratio(row["bf16_ms"], best_w8a8)
-    if "bf16_frozen_ms" in row:
-        row["best_speedup_vs_bf16_frozen"] = _ratio(row["bf16_frozen_ms"], best_w8a8)
-    row["int_mm_speedup_vs_fp32"] = _ratio(row["fp32_ms"], row["int_mm_s8_ms"])
-    return row
+def _forced(module: nn.Module, form: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Call `module` with the CPU W8A8 form forced, restoring the previous setting after."""
+    def call(x):
+        before = gemm.cpu_kernel()
+        gemm.set_cpu_kernel(form)
+        try:
+            return module(x)
+        finally:
+            gemm.set_cpu_kernel(before)
+
+    return call
 
 
-def _model_configs(quick: bool) -> list[tuple[str, object, int]]:
-    from rayq.schema import ModelConfig
-
-    if quick:
-        return [("quick-2L-d256-seq64-b2", ModelConfig(vocab_size=1024, seq_len=64, n_layer=2, d_model=256, n_head=4), 2)]
-    from rayq.config import resolve
-
-    small = resolve("small")
-    return [
-        ("4L-d1024-seq512-b4", ModelConfig(vocab_size=4096, seq_len=512, n_layer=4, d_model=1024, n_head=16), 4),
-        ("small-preset", small.model, small.recipe.batch_size),
-    ]
-
-
-def bench_model(name: str, cfg, batch: int, repeats: int, compiled: bool) -> dict:
-    from rayq.model import GPT
-
-    torch.manual_seed(0)
-    model = GPT(cfg).eval()
-    idx = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len))
-    row: dict = {"name": name, "n_layer": cfg.n_layer, "d_model": cfg.d_model, "seq_len": cfg.seq_len, "batch": batch, "quantized": "block linears"}
-    q_eager = quantize_(model, W8A8Vectorwise(), inplace=False, backend="eager")
-
-    def bf16():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return model(idx)
-
-    fns: dict[str, Callable[[], object]] = {"fp32_ms": lambda: model(idx), "bf16_autocast_ms": bf16, "w8a8_eager_ms": lambda: q_eager(idx)}
-    if compiled:
-        q_comp = quantize_(model, W8A8Vectorwise(), inplace=False, backend="compiled")
-        row["compile_first_call_s"] = _timed_first_call(lambda: q_comp(idx))
-        fns["w8a8_compiled_ms"] = lambda: q_comp(idx)
-    with torch.no_grad():
-        row.update(race(fns, repeats))
-    w8 = min(v for k, v in row.items() if k in ("w8a8_eager_ms", "w8a8_compiled_ms"))
-    row["w8a8_ms"] = w8
-    row["speedup_vs_fp32"] = _ratio(row["fp32_ms"], w8)
-    row["speedup_vs_bf16"] = _ratio(row["bf16_autocast_ms"], w8)
-    return row
-
-
-def bench_peers(M: int, K: int, N: int, repeats: int) -> dict:
-    """torchao Int8DynamicActivationInt8WeightConfig (eager, compiled) and bitsandbytes'
-    Linear8bitLt(threshold=0) on one shape, against fp32 and our W8A8 in the same race."""
-    out: dict = {"shape": [M, K, N]}
-    torch.manual_seed(0)
-    lin = nn.Linear(K, N)
-    x = torch.randn(M, K)
-    ours = _w8a8(lin, "auto")
-    fns: dict[str, Callable[[], object]] = {"fp32_ms": lambda: lin(x), "rayq_w8a8_ms": lambda: ours(x)}
+def _torchao_compiled(linear: nn.Linear, x: torch.Tensor, row: dict) -> Optional[Callable[[], object]]:
     try:
         import copy
 
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig
         from torchao.quantization import quantize_ as ao_quantize_
 
-        ao = nn.Sequential(copy.deepcopy(lin))
+        ao = nn.Sequential(copy.deepcopy(linear))
         ao_quantize_(ao, Int8DynamicActivationInt8WeightConfig())
         ao_c = torch.compile(ao)
-        out["torchao_compile_first_call_s"] = _timed_first_call(lambda: ao_c(x))
-        fns["torchao_eager_ms"] = lambda: ao(x)
-        fns["torchao_compiled_ms"] = lambda: ao_c(x)
+        row["torchao_compile_first_call_s"] = _timed_first_call(lambda: ao_c(x))
+        return lambda: ao_c(x)
     except Exception as exc:  # noqa: BLE001 - optional peer: absent or broken is a finding, not a failure
-        out["torchao"] = f"unavailable: {type(exc).__name__}: {exc}"[:200]
-    try:
-        import bitsandbytes as bnb
-
-        bl = bnb.nn.Linear8bitLt(K, N, has_fp16_weights=False, threshold=0.0)
-        bl.weight = bnb.nn.Int8Params(lin.weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
-        bl.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-        bl = bl.to("cpu")
-        fns["bnb_int8_ms"] = lambda: bl(x)
-    except Exception as exc:  # noqa: BLE001
-        out["bitsandbytes"] = f"unavailable: {type(exc).__name__}: {exc}"[:200]
-    if len(fns) > 2:
-        with torch.no_grad():
-            out.update(race(fns, repeats))
-        for k in [k for k in out if k.endswith("_ms") and k != "fp32_ms"]:
-            out[k.replace("_ms", "_speedup_vs_fp32")] = _ratio(out["fp32_ms"], out[k])
-    return out
+        row["torchao"] = f"unavailable: {type(exc).__name__}: {exc}"[:200]
+        return None
 
 
-def _have(mod: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(mod) is not None
-
-
-def run(quick: bool, repeats: int, compiled: bool, shapes: Optional[list[tuple[int, int, int]]] = None, models: bool = True) -> dict:
-    from rayq import allocator
-
-    alloc = allocator.keep_pages()  # before any large tensor exists
-    result: dict = {
-        "bench": "int8",
-        "env": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpu": _cpu_name(),
-            "allocator": allocator.describe() or alloc,
-            "cpu_kernel": gemm.cpu_kernel(),
-            "quick": quick,
-            "repeats": repeats,
-            "compiled": compiled,
-        },
+def bench_linear(M: int, K: int, N: int, rounds: int, compiled: bool, peers: bool) -> dict:
+    torch.manual_seed(0)
+    lin = nn.Linear(K, N)
+    lin_bf16 = nn.Linear(K, N).to(torch.bfloat16)
+    lin_bf16.load_state_dict(lin.state_dict())
+    x = torch.randn(M, K)
+    xb = x.to(torch.bfloat16)
+    row: dict = {"M": M, "K": K, "N": N, "shape_class": backends.shape_class(M)}
+    q_auto = _w8a8(lin, "auto")
+    q_eager = _w8a8(lin, "eager")
+    q_auto(x)  # the probe (or the cached choice) runs here, outside the timings
+    row["auto_form"] = q_auto[0]._cpu_form(x)
+    row["auto_compiled"] = row["auto_form"] != "onednn" and q_auto[0]._use_compiled(x)
+    layer = q_auto[0]
+    xq = gemm.quantize_symmetric(x, gemm.absmax_rows(x))
+    fns: dict[str, Callable[[], object]] = {
+        "fp32_ms": lambda: lin(x),
+        "bf16_ms": lambda: lin_bf16(xb),
+        "w8a8_auto_ms": lambda: q_auto(x),
+        "w8a8_s8s8_eager_ms": lambda: _forced(q_eager, "s8s8")(x),
+        "int_mm_s8s8_ms": lambda: torch._int_mm(xq, layer.qweight.t()),
     }
-    if shapes is None:
-        shapes = list(QUICK_SHAPES if quick else ((M, K, N) for M in FULL_M for K, N in FULL_KN))
-    result["linear"] = []
-    for M, K, N in shapes:
-        _log(f"linear M={M} K={K} N={N}")
-        bf16_frozen = not quick and M >= 256 and K == N == 4096
-        result["linear"].append(bench_linear(M, K, N, repeats, compiled, bf16_frozen))
-    result["model"] = []
-    for name, cfg, batch in _model_configs(quick) if models else []:
-        _log(f"model {name}")
-        result["model"].append(bench_model(name, cfg, batch, max(3, repeats // 2 + 1), compiled))
-    result["peers"] = None
-    if not quick and models and (_have("torchao") or _have("bitsandbytes")):
-        _log("peers (torchao / bitsandbytes)")
-        result["peers"] = bench_peers(2048, 4096, 4096, repeats)
-    result["targets"] = _targets(result)
-    return result
+    if gemm.supports_u8():
+        fns["w8a8_u8s8_eager_ms"] = lambda: _forced(q_eager, "u8s8")(x)
+    if gemm.onednn_available():
+        fns["w8a8_onednn_eager_ms"] = lambda: _forced(q_eager, "onednn")(x)
+    if compiled:
+        q_comp = _w8a8(lin, "compiled")
+        row["compile_first_call_s"] = _timed_first_call(lambda: q_comp(x))
+        fns["w8a8_compiled_ms"] = lambda: q_comp(x)
+    if peers:
+        ao = _torchao_compiled(lin, x, row)
+        if ao is not None:
+            fns["torchao_compiled_ms"] = ao
+    with torch.no_grad():
+        row.update(race(fns, rounds))
+    row["w8a8_best_ms"] = min(v for k, v in row.items() if k.startswith("w8a8_") and k.endswith("_ms"))
+    row["speedup_vs_fp32"] = _ratio(row["fp32_ms"], row["w8a8_auto_ms"])
+    row["speedup_vs_bf16"] = _ratio(row["bf16_ms"], row["w8a8_auto_ms"])
+    row["bf16_vs_fp32"] = _ratio(row["fp32_ms"], row["bf16_ms"])
+    row["int_mm_speedup_vs_fp32"] = _ratio(row["fp32_ms"], row["int_mm_s8s8_ms"])
+    if "torchao_compiled_ms" in row:
+        row["speedup_vs_torchao_compiled"] = _ratio(row["torchao_compiled_ms"], row["w8a8_auto_ms"])
+    return row
 
 
-def _targets(result: dict) -> dict:
-    """The issue's targets, evaluated on this run (None where the run did not measure them)."""
-    key = [r for r in result["linear"] if r["M"] >= 256 and r["K"] == r["N"] == 4096]
-    models = [m for m in result["model"] if m["name"].startswith("4L-d1024")]
-    t: dict = {
-        "linear_M>=256_K=N=4096_ge_4x_fp32": all(r["speedup_vs_fp32"] >= 4 for r in key) if key else None,
-        "linear_M>=256_K=N=4096_ge_1.5x_bf16": all(r["speedup_vs_bf16"] >= 1.5 for r in key) if key else None,
-        "model_ge_2.5x_fp32": all(m["speedup_vs_fp32"] >= 2.5 for m in models) if models else None,
-        "model_ge_1.3x_bf16": all(m["speedup_vs_bf16"] >= 1.3 for m in models) if models else None,
-    }
-    peers = result.get("peers") or {}
-    if "torchao_compiled_ms" in peers:
-        t["not_slower_than_torchao_compiled"] = peers["rayq_w8a8_ms"] <= peers["torchao_compiled_ms"]
+def cpu_kind() -> str:
+    flags = set(machine.cpu_info()["kernel_flags"])
+    if "amx_int8" in flags:
+        return "amx"
+    return "vnni" if flags & {"avx512_vnni", "avx_vnni"} else "other"
+
+
+def targets(rows: list[dict]) -> dict:
+    """The issue's targets at M = 2048, K = N = 4096 on this CPU kind (None: not measured)."""
+    key = [r for r in rows if r["M"] == 2048 and r["K"] == r["N"] == 4096]
+    if not key:
+        return {"cpu_kind": cpu_kind(), "measured": False}
+    r = key[0]
+    t: dict = {"cpu_kind": cpu_kind(), "measured": True, "ge_4x_fp32": r["speedup_vs_fp32"] >= 4}
+    if cpu_kind() == "amx":
+        t["ge_1.3x_bf16"] = r["speedup_vs_bf16"] >= 1.3
+    if "torchao_compiled_ms" in r:
+        t["ge_torchao_compiled"] = r["w8a8_auto_ms"] <= r["torchao_compiled_ms"]
     return t
 
 
+def run_leg(shapes, rounds: int, compiled: bool, peers: bool) -> dict:
+    alloc = allocator.keep_pages()  # before any large tensor exists; RAYQ_ALLOCATOR=system leaves it
+    rows = []
+    for M, K, N in shapes:
+        _log(f"[{alloc['allocator']}] linear M={M} K={K} N={N}")
+        rows.append(bench_linear(M, K, N, rounds, compiled, peers))
+    return {"allocator": alloc, "load_average": list(os.getloadavg()), "linear": rows, "targets": targets(rows)}
+
+
+def _system_leg(argv: list[str]) -> dict:
+    """The same bench in a child process whose allocator is left as the system set it."""
+    env = {**os.environ, "RAYQ_ALLOCATOR": "system"}
+    cmd = [sys.executable, "-m", "rayq.kernels.bench", *argv, "--leg", "system", "--json"]
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
+        return {"error": f"child exited {done.returncode}"}
+    return json.loads(done.stdout)["legs"]["system"]
+
+
 def _table(result: dict) -> str:
-    lines = [f"allocator={result['env']['allocator']['allocator']} threads={result['env']['threads']} cpu={result['env']['cpu']}",
-             f"{'M':>5} {'K':>5} {'N':>6} {'fp32 ms':>9} {'bf16 ms':>9} {'w8a8 ms':>9} {'x fp32':>7} {'x bf16':>7} backend"]
-    for r in result["linear"]:
-        lines.append(f"{r['M']:>5} {r['K']:>5} {r['N']:>6} {r['fp32_ms']:>9.2f} {r['bf16_ms']:>9.2f} {r['w8a8_ms']:>9.2f} "
-                     f"{r['speedup_vs_fp32']:>7.2f} {r['speedup_vs_bf16']:>7.2f} {r['auto_backend']}")
-    for m in result["model"]:
-        lines.append(f"model {m['name']}: fp32 {m['fp32_ms']:.1f} ms, bf16 autocast {m['bf16_autocast_ms']:.1f} ms, "
-                     f"w8a8 {m['w8a8_ms']:.1f} ms ({m['speedup_vs_fp32']:.2f}x fp32, {m['speedup_vs_bf16']:.2f}x bf16)")
-    lines.append(f"targets: {result['targets']}")
+    env = result["env"]
+    lines = [f"cpu={env['machine']['model']} flags={','.join(env['machine']['kernel_flags'])} threads={env['machine']['threads']} "
+             f"torch={env['machine']['torch']}"]
+    for leg, doc in result["legs"].items():
+        if "linear" not in doc:
+            lines.append(f"[{leg}] {doc}")
+            continue
+        lines.append(f"[{leg}: {doc['allocator']['allocator']}]  {'M':>5} {'K':>5} {'N':>5} {'fp32':>9} {'bf16':>9} {'w8a8':>9} "
+                     f"{'x fp32':>7} {'x bf16':>7} form")
+        for r in doc["linear"]:
+            lines.append(f"{'':>{len(leg) + len(doc['allocator']['allocator']) + 5}}{r['M']:>5} {r['K']:>5} {r['N']:>5} "
+                         f"{r['fp32_ms']:>9.2f} {r['bf16_ms']:>9.2f} {r['w8a8_auto_ms']:>9.2f} {r['speedup_vs_fp32']:>7.2f} "
+                         f"{r['speedup_vs_bf16']:>7.2f} {r['auto_form']}{'+compiled' if r['auto_compiled'] else ''}")
+        lines.append(f"  targets: {doc['targets']}")
     return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="rayq bench int8", description="W8A8 linear and whole-model speed vs fp32 and bf16 (JSON on stdout with --json)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="rayq bench int8",
+                                description="W8A8 linear vs bf16 and fp32 nn.Linear, both allocators (JSON on stdout with --json)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--quick", action="store_true", help="a small subset (smoke test): 2 shapes, a 2-layer model, eager only")
-    p.add_argument("--repeats", type=int, default=None, help="timed repetitions per candidate (median reported; default 7, quick 3)")
+    p.add_argument("--quick", action="store_true", help="small shapes, eager only, no peers (a smoke test)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds (median reported; default 5, quick 3)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd W8A8 path")
-    p.add_argument("--shape", action="append", default=None, metavar="MxKxN", help="only this linear shape (repeatable), e.g. 2048x4096x4096")
-    p.add_argument("--no-model", action="store_true", help="skip the whole-model forwards and the peers")
-    p.add_argument("--kernel", choices=("s8s8", "u8s8"), default=None, help="CPU integer GEMM form for the W8A8 modules")
+    p.add_argument("--no-peers", action="store_true", help="skip torchao even when it is importable")
+    p.add_argument("--shape", action="append", default=None, metavar="MxKxN", help="only this linear shape (repeatable)")
+    p.add_argument("--allocator", choices=("both", *LEGS), default="both", help="which allocator legs to run (default both)")
+    p.add_argument("--leg", choices=LEGS, default=None, help=argparse.SUPPRESS)  # the child process of the system leg
     args = p.parse_args(argv)
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
-    if repeats < 1:
-        p.error("--repeats must be >= 1")
-    shapes = None
+    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)
+    if rounds < 1:
+        p.error("--rounds must be >= 1")
+    shapes = list(QUICK_SHAPES if args.quick else FULL_SHAPES)
     if args.shape:
         try:
             shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shape]
-            assert all(len(t) == 3 and min(t) >= 1 for t in shapes)
-        except (ValueError, AssertionError):
+            if not all(len(t) == 3 and min(t) >= 1 for t in shapes):
+                raise ValueError
+        except ValueError:
             p.error(f"--shape expects MxKxN with positive integers, got {args.shape}")
-    if args.kernel:
-        gemm.set_cpu_kernel(args.kernel)
-    result = run(quick=args.quick, repeats=repeats, compiled=not (args.quick or args.no_compile), shapes=shapes, models=not args.no_model)
+    compiled, peers = not (args.quick or args.no_compile), not (args.quick or args.no_peers)
+    legs = [args.leg] if args.leg else (list(LEGS) if args.allocator == "both" else [args.allocator])
+    result: dict = {"bench": "int8", "env": {"machine": machine.describe(), "cpu_kind": cpu_kind(), "quick": args.quick,
+                                             "rounds": rounds, "compiled": compiled}, "legs": {}}
+    if "tuned" in legs:
+        result["legs"]["tuned"] = run_leg(shapes, rounds, compiled, peers)
+    if "system" in legs:
+        child = [a for a in argv if a not in ("--json",)]
+        result["legs"]["system"] = run_leg(shapes, rounds, compiled, peers) if args.leg == "system" else _system_leg(child)
+    result["env"]["backends"] = backends.describe(probe=False)
     print(json.dumps(result, indent=2) if args.json else _table(result))
     return 0
 

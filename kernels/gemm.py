@@ -47,8 +47,9 @@ _SPLIT_K_U8 = (2**31 - 1) // (255 * 128)  # 65,793
 # absmax floor: keeps 127 / absmax finite in fp32 (an all-zero row quantizes to zeros, not NaN)
 EPS_ABSMAX = 1e-12
 
-_KERNELS = ("s8s8", "u8s8")
-_default_kernel = {"cpu": "s8s8"}
+_KERNELS = ("s8s8", "u8s8", "onednn")
+# None: the W8A8 modules use the form `rayq.kernels.backends` measured fastest on this machine
+_default_kernel: dict[str, Optional[str]] = {"cpu": None}
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,16 +62,31 @@ def supports_u8() -> bool:
         return False
 
 
-def set_cpu_kernel(kernel: str) -> None:
-    """Choose the CPU integer GEMM form ("s8s8" or "u8s8"); the bench measures both."""
-    if kernel not in _KERNELS:
-        raise ValueError(f"cpu kernel must be one of {_KERNELS}, got {kernel!r}")
+@functools.lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's quantized linear (x86 CPU builds with mkldnn)."""
+    try:
+        torch.ops.onednn.qlinear_pointwise  # noqa: B018 - the lookup is the check
+        torch.ops.onednn.qlinear_prepack  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.backends.mkldnn.is_available()
+
+
+def set_cpu_kernel(kernel: Optional[str]) -> None:
+    """Force the CPU W8A8 form ("s8s8", "u8s8" or "onednn"), or None to let the per-machine probe
+    (`rayq.kernels.backends`) choose; the bench measures every form."""
+    if kernel is not None and kernel not in _KERNELS:
+        raise ValueError(f"cpu kernel must be one of {_KERNELS} or None (probe), got {kernel!r}")
     if kernel == "u8s8" and not supports_u8():
         raise ValueError(f"torch {torch.__version__}: CPU _int_mm does not take uint8 operands; use s8s8")
+    if kernel == "onednn" and not onednn_available():
+        raise ValueError(f"torch {torch.__version__}: no oneDNN qlinear_pointwise in this build; use s8s8")
     _default_kernel["cpu"] = kernel
 
 
-def cpu_kernel() -> str:
+def cpu_kernel() -> Optional[str]:
+    """The forced CPU W8A8 form, or None when the probe chooses."""
     return _default_kernel["cpu"]
 
 
@@ -127,7 +143,9 @@ def int8_mm(a: Tensor, w: Tensor, *, kernel: Optional[str] = None) -> Tensor:
     if M == 0 or N == 0 or K == 0:
         return torch.zeros(M, N, dtype=torch.int32, device=a.device)
     device = a.device.type
-    kernel = kernel or (_default_kernel["cpu"] if device == "cpu" else "s8s8")
+    # int8_mm is the plain integer GEMM: the oneDNN form lives in the linear (`w8a8_onednn`)
+    kernel = kernel or (_default_kernel["cpu"] if device == "cpu" else None)
+    kernel = kernel if kernel in ("s8s8", "u8s8") else "s8s8"
     limit = _SPLIT_K_U8 if kernel == "u8s8" else _SPLIT_K_S8
     if K > limit:  # split K; partial sums are exact in int32, their sum in int64
         step = limit // 64 * 64
@@ -249,6 +267,52 @@ def w8a8_core(
     if bias is not None:
         out.add_(bias)
     # a static scale hides NaN/inf from the absmax, so take the (fusable) max |x| for the check
+    check = absmax if act_absmax is None else torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32)
+    return out, check
+
+
+def onednn_prepack(w: Tensor, m_hint: int) -> Tensor:
+    """oneDNN's blocked copy of an int8 weight [N, K] (opaque; kept beside the int8 buffer)."""
+    return torch.ops.onednn.qlinear_prepack(w, [m_hint, w.shape[1]])
+
+
+def onednn_qlinear(xu8: Tensor, packed: Tensor, w_scale: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """(X_u8 - 128) @ W^T * w_scale[n] in one oneDNN call: the zero point and the per-channel
+    dequant run in the GEMM's epilogue. The per-token scale cannot (oneDNN takes one x scale)."""
+    zp = torch.zeros(w_scale.shape[0], dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(xu8, 1.0, 128, packed, w_scale, zp, None, 1.0, 0, out_dtype, "none", [], "")
+
+
+def w8a8_onednn(
+    x: Tensor,
+    packed: Tensor,
+    w_scale: Tensor,
+    bias: Optional[Tensor],
+    in_scale: Optional[Tensor],
+    act_absmax: Optional[Tensor],
+    per_tensor_act: bool,
+) -> tuple[Tensor, Tensor]:
+    """`w8a8_core` through oneDNN's prepacked int8 linear: same codes, same integer dot products
+    (u8 = s8 + 128, the zero point corrected inside oneDNN), the weight scale fused into the GEMM
+    output, then the per-token scale and the bias in place. `w_scale` must have one entry per
+    output channel. Returns (out fp32 [M, N], the absmax to check for NaN/inf)."""
+    if in_scale is not None:
+        x = x * in_scale
+    if act_absmax is not None:
+        absmax = act_absmax.reshape(1, 1)
+    elif per_tensor_act:
+        absmax = torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32).clamp_min(EPS_ABSMAX).reshape(1, 1)
+    else:
+        absmax = absmax_rows(x)
+    t = x * (QMAX8 / absmax)
+    t.round_()
+    if act_absmax is not None:
+        t.clamp_(-QMAX8, QMAX8)
+    t.add_(128)  # codes in [1, 255]: exact in fp32 and in uint8
+    out = onednn_qlinear(t.to(torch.uint8), packed, w_scale)
+    out.mul_(absmax / QMAX8)
+    if bias is not None:
+        out.add_(bias)
     check = absmax if act_absmax is None else torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32)
     return out, check
 

@@ -6,9 +6,11 @@ One verb, many configs (torchao): each scheme type has a handler registered with
 
 Quantized modules are for inference: their weights are int8 buffers (no gradients), the forward
 runs under no_grad, and `backend` picks the arithmetic:
-- "auto": the device's integer kernel; on CPU/CUDA the compiled (fused quantize/dequant) form
-  when a call is big enough to repay it (see AUTO_COMPILE_WORK), eager otherwise;
-- "eager" / "compiled": force one form;
+- "auto": the device's integer kernel; on CPU the path `rayq.kernels.backends` measured fastest
+  on this machine for the call's shape class (`_int_mm` s8s8 / u8s8 or oneDNN's prepacked
+  qlinear); the `_int_mm` paths on CPU/CUDA run the compiled (fused quantize/dequant) form when a
+  call is big enough to repay it (see AUTO_COMPILE_WORK), eager otherwise;
+- "eager": the same path choice, never compiled; "compiled": always the compiled `_int_mm` form;
 - "reference": the fp64 path of the same math (`rayq.kernels.gemm.*_reference`), the yardstick.
 """
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import gemm
+from . import backends, gemm
 from .schemes import (
     Scheme,
     SchemeError,
@@ -39,8 +41,6 @@ from .schemes import (
 
 Tensor = torch.Tensor
 
-# the block linears of rayq.model.GPT (kernels may not import rayq; rayq.model.BLOCK_LINEARS is the source)
-DEFAULT_SUFFIXES = ("attn.qkv", "attn.out", "mlp.fc_in", "mlp.fc_out")
 BACKENDS = ("auto", "eager", "compiled", "reference")
 # "auto" compiles when a call has >= AUTO_COMPILE_MIN_ROWS tokens and >= AUTO_COMPILE_WORK
 # multiply-adds: measured here, the fused form beat eager from 256x1024x1024 up and lost at M=1
@@ -146,24 +146,55 @@ class W8A8Linear(QuantLinear):
         self.register_buffer("w_scale", torch.ones(1 if per_tensor_weight else out_features))
         self.register_buffer("act_absmax", torch.ones(1) if static_act else None)
         self.register_buffer("in_scale", torch.ones(in_features) if smooth else None)
-        self._comp_key: tuple = ()
-        self._comp: Optional[Tensor] = None
+        # derived from qweight per (form, weight version): u8 compensation or the oneDNN prepack
+        self._derived: dict[str, tuple[tuple, Any]] = {}
 
-    def _compensation(self) -> Optional[Tensor]:
-        """128 * colsum(W_q) for the u8 x s8 CPU GEMM, cached per weight version."""
-        if gemm.cpu_kernel() != "u8s8" or self.qweight.device.type != "cpu" or self.in_features > gemm.MAX_K_U8 or not gemm.supports_u8():
-            return None
+    def __deepcopy__(self, memo):
+        # the derived tensors (opaque oneDNN layouts among them) are rebuilt on use, not copied
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for k, v in self.__dict__.items():
+            clone.__dict__[k] = {} if k == "_derived" else copy.deepcopy(v, memo)
+        return clone
+
+    def _cached(self, form: str, build: Callable[[], Any]) -> Any:
         key = (self.qweight.data_ptr(), self.qweight._version)
-        if key != self._comp_key:
-            self._comp = self.qweight.sum(1, dtype=torch.int32) * 128
-            self._comp_key = key
-        return self._comp
+        hit = self._derived.get(form)
+        if hit is None or hit[0] != key:
+            hit = (key, build())
+            self._derived[form] = hit
+        return hit[1]
+
+    def _cpu_form(self, x: Tensor) -> str:
+        """"s8s8", "u8s8" or "onednn": forced by `gemm.set_cpu_kernel`, else the machine's probe."""
+        form = gemm.cpu_kernel() or backends.choose(x.shape[0], compiles=self._use_compiled(x))
+        if form == "u8s8" and self.in_features > gemm.MAX_K_U8:
+            return "s8s8"  # the u8 accumulator would overflow int32
+        if self.backend == "compiled" and form == "onednn":
+            return "u8s8" if gemm.supports_u8() and self.in_features <= gemm.MAX_K_U8 else "s8s8"
+        return form
+
+    def _compensation(self, form: str) -> Optional[Tensor]:
+        """128 * colsum(W_q) for the u8 x s8 CPU GEMM, cached per weight version."""
+        if form != "u8s8":
+            return None
+        return self._cached("u8s8", lambda: self.qweight.sum(1, dtype=torch.int32) * 128)
+
+    def _onednn(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        packed, w_scale = self._cached("onednn", lambda: (
+            gemm.onednn_prepack(self.qweight, x.shape[0]), self.w_scale.expand(self.out_features).contiguous()))
+        return gemm.w8a8_onednn(x, packed, w_scale, self.bias, self.in_scale, self.act_absmax, self.per_tensor_act)
 
     def _args(self) -> tuple:
         return (self.qweight, self.w_scale, self.bias, self.in_scale, self.act_absmax, self.per_tensor_act)
 
     def _fast(self, x: Tensor) -> Tensor:
-        args = (x, *self._args(), self._compensation())
+        form = self._cpu_form(x) if x.device.type == "cpu" else "s8s8"
+        if form == "onednn":
+            out, absmax = self._onednn(x)
+            self._check(absmax)
+            return out
+        args = (x, *self._args(), self._compensation(form))
         fn = gemm.compiled_w8a8_core() if self._use_compiled(x) else None
         result = None
         if fn is not None:
@@ -360,15 +391,14 @@ def _quantize_embedding(emb: nn.Embedding, scheme: Scheme, name: str, backend: s
 def select_layers(model: nn.Module, layers: LayerFilter = None, *, include_lm_head: bool = False, include_embeddings: bool = False) -> list[tuple[str, nn.Module]]:
     """(name, module) pairs that `quantize_` would replace, in module order.
 
-    layers: None or "blocks" -> the block linears (by name suffix); "all" -> every nn.Linear;
-    an iterable of names or name suffixes; or a callable(name, module) -> bool over nn.Linear.
+    layers: None or "all" -> every nn.Linear (torchao's default; rayq's evaluator passes the
+    model's block linears, `rayq.model.BLOCK_LINEARS`); an iterable of names or name suffixes
+    (matched at a "." boundary); or a callable(name, module) -> bool over nn.Linear.
     """
-    if layers is None or layers == "blocks":
-        pick = lambda n, m: n.endswith(DEFAULT_SUFFIXES)  # noqa: E731
-    elif layers == "all":
+    if layers is None or layers == "all":
         pick = lambda n, m: True  # noqa: E731
     elif isinstance(layers, str):
-        raise SchemeError(f"layers: expected None, 'blocks', 'all', a list of names or a callable, got {layers!r}")
+        raise SchemeError(f"layers: expected None, 'all', a list of names or a callable, got {layers!r}")
     elif callable(layers):
         pick = layers
     else:

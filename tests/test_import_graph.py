@@ -10,8 +10,6 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 # source folder -> the package it is installed as (pyproject's package-dir)
 FOLDERS = {"rayq": "rayq", "kernels": "rayq.kernels", "eval": "rayq.eval", "cluster": "rayq.cluster",
@@ -137,11 +135,13 @@ def test_ray_stays_in_cluster_and_search():
     assert wrong == []
 
 
-@pytest.mark.xfail(strict=False, reason="kernels/bench.py imports the core until its model timing moves to eval/")
 def test_kernels_import_torch_only():
     """The bottom room: torch and the standard library, nothing of rayq's above it."""
-    allowed = set(sys.stdlib_module_names) | {"torch", "__future__"}
-    wrong = sorted((m, sorted(external - allowed), sorted(internal))
+    # torch_xla is torch's own XLA device (the XLA int8 dot; imported only on XLA hosts); torchao is
+    # a peer the int8 benchmark races when it happens to be installed, never a dependency
+    allowed = set(sys.stdlib_module_names) | {"torch", "torch_xla", "__future__"}
+    optional_peers = {"rayq.kernels.bench": {"torchao"}}
+    wrong = sorted((m, sorted(external - allowed - optional_peers.get(m, set())), sorted(internal))
                    for m, (internal, external) in GRAPH.items() if _room(m) == "rayq.kernels"
-                   and (external - allowed or any(_room(t) != "rayq.kernels" for t in internal)))
+                   and (external - allowed - optional_peers.get(m, set()) or any(_room(t) != "rayq.kernels" for t in internal)))
     assert wrong == []

@@ -1,5 +1,5 @@
-"""`rayq bench int8 --quick --json` runs and reports the documented keys (speed is not asserted:
-targets live in the recorded bench JSON, not in timed tests)."""
+"""`rayq bench int8 --quick --json` runs both allocator legs and records the machine and the
+probe's choice (speed is not asserted: targets live in the recorded bench JSON, not in timed tests)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,34 @@ import json
 
 import pytest
 
-from rayq.kernels import bench
+from rayq.kernels import backends, bench
 
 
-def test_quick_bench_json_keys(capsys):
-    assert bench.main(["--quick", "--json", "--repeats", "1"]) == 0
+def test_quick_bench_json_records_machine_choice_and_both_allocators(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("RAYQ_CACHE_DIR", str(tmp_path))
+    backends.forget()
+    assert bench.main(["--quick", "--json", "--rounds", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["bench"] == "int8"
-    assert {"torch", "threads", "cpu", "allocator", "cpu_kernel", "quick", "repeats"} <= set(out["env"])
-    assert out["env"]["allocator"]["allocator"] in ("glibc-keep-pages", "jemalloc", "system")
-    assert len(out["linear"]) == len(bench.QUICK_SHAPES)
-    for row in out["linear"]:
-        assert {"M", "K", "N", "fp32_ms", "bf16_ms", "w8a8_ms", "w8a8_eager_ms", "int_mm_s8_ms",
-                "speedup_vs_fp32", "speedup_vs_bf16", "auto_backend"} <= set(row)
-        assert row["w8a8_ms"] > 0 and row["speedup_vs_fp32"] > 0
-    (model,) = out["model"]
-    assert {"name", "fp32_ms", "bf16_autocast_ms", "w8a8_ms", "speedup_vs_fp32", "speedup_vs_bf16"} <= set(model)
-    assert set(out["targets"]) >= {"linear_M>=256_K=N=4096_ge_4x_fp32", "model_ge_2.5x_fp32"}
-    assert out["peers"] is None  # quick mode never runs the optional peers
+    mach = out["env"]["machine"]
+    assert mach["model"] and isinstance(mach["kernel_flags"], list) and mach["torch"]
+    assert set(out["legs"]) == {"tuned", "system"}
+    assert out["legs"]["system"]["allocator"]["allocator"] == "system"
+    assert out["legs"]["tuned"]["allocator"]["allocator"] in ("glibc-keep-pages", "jemalloc", "system")
+    chosen = {name for name, entry in out["env"]["backends"]["cpu_choices"].items() if entry}
+    for leg in out["legs"].values():
+        assert len(leg["linear"]) == len(bench.QUICK_SHAPES)
+        for row in leg["linear"]:
+            assert {"fp32_ms", "bf16_ms", "w8a8_auto_ms", "w8a8_s8s8_eager_ms", "int_mm_s8s8_ms",
+                    "speedup_vs_fp32", "speedup_vs_bf16", "auto_form"} <= set(row)
+            assert row["w8a8_auto_ms"] > 0 and row["auto_form"] in ("s8s8", "u8s8", "onednn")
+            assert row["shape_class"] in chosen  # the choice the timed module used is in the JSON
+    for entry in out["env"]["backends"]["cpu_choices"].values():
+        if entry:
+            assert backends.CPU_FORMS[entry["backend"]]
 
 
-def test_bench_bad_flag_exits_2(capsys):
+def test_bench_bad_flag_exits_2():
     with pytest.raises(SystemExit) as exc:
-        bench.main(["--repeats", "0"])
+        bench.main(["--rounds", "0"])
     assert exc.value.code == 2

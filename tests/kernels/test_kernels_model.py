@@ -83,11 +83,13 @@ def trained():
     return model, heldout
 
 
-def test_default_selection_is_block_linears(trained):
+def test_default_selection_is_every_linear_and_block_linears_by_name(trained):
     model, _ = trained
-    names = [n for n, _ in select_layers(model)]
+    assert [n for n, _ in select_layers(model)] == [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    names = [n for n, _ in select_layers(model, BLOCK_LINEARS)]
     assert len(names) == 4 * CFG.n_layer and all(n.endswith(BLOCK_LINEARS) for n in names)
-    assert "lm_head" in [n for n, _ in select_layers(model, include_lm_head=True)]
+    assert "lm_head" not in names
+    assert "lm_head" in [n for n, _ in select_layers(model, BLOCK_LINEARS, include_lm_head=True)]
     assert {"tok_emb", "pos_emb"} <= {n for n, _ in select_layers(model, include_embeddings=True)}
     assert [n for n, _ in select_layers(model, lambda n, m: n.endswith("fc_in"))] == [f"blocks.{i}.mlp.fc_in" for i in range(CFG.n_layer)]
     assert len(select_layers(model, "all")) == 4 * CFG.n_layer + 1
@@ -96,8 +98,8 @@ def test_default_selection_is_block_linears(trained):
 def test_quantized_loss_changes_small_for_w8a8_larger_for_w4(trained):
     model, heldout = trained
     fp = lm_loss(model, heldout)
-    w8 = quantize_(model, W8A8Vectorwise(), inplace=False)
-    w4 = quantize_(model, W4Colwise(), inplace=False)
+    w8 = quantize_(model, W8A8Vectorwise(), layers=BLOCK_LINEARS, inplace=False)
+    w4 = quantize_(model, W4Colwise(), layers=BLOCK_LINEARS, inplace=False)
     d8, d4 = lm_loss(w8, heldout) - fp, lm_loss(w4, heldout) - fp
     assert d8 != 0.0 and abs(d8) / fp < 0.01, (fp, d8)  # small but real: the INT8 GEMMs did run
     assert abs(d4) > 3 * abs(d8), (d8, d4)
@@ -111,7 +113,7 @@ def test_quantized_forward_matches_reference_forward(trained):
     model, heldout = trained
     for scheme, kw in [(W8A8Vectorwise(), {}), ("w8a8-tensor", {}), (W8A8Groupwise(32), {}), (W4Colwise(), {}),
                        ("w8a8-smoothquant", {"calibration": [b[:, :-1] for b in heldout[:2]]})]:
-        qm = quantize_(model, scheme, inplace=False, include_lm_head=True, include_embeddings=True, **kw)
+        qm = quantize_(model, scheme, layers=BLOCK_LINEARS, inplace=False, include_lm_head=True, include_embeddings=True, **kw)
         x = heldout[0][:, :-1]
         with torch.no_grad():
             y = qm(x)
@@ -129,7 +131,7 @@ def test_inplace_returns_same_model_and_replaces_modules(trained):
     import copy
 
     m = copy.deepcopy(model)
-    out = quantize_(m, "w8a8-vectorwise", include_lm_head=True, include_embeddings=True)
+    out = quantize_(m, "w8a8-vectorwise", layers=BLOCK_LINEARS, include_lm_head=True, include_embeddings=True)
     assert out is m
     qs = quantized_modules(m)
     assert isinstance(qs["lm_head"], W8A8Linear) and isinstance(qs["tok_emb"], QuantEmbedding)
@@ -141,7 +143,7 @@ def test_inplace_returns_same_model_and_replaces_modules(trained):
 def test_save_load_round_trip(trained, tmp_path):
     model, heldout = trained
     for scheme in (W8A8Vectorwise(), W4Colwise(), W8A8Groupwise(16)):
-        qm = quantize_(model, scheme, inplace=False, include_lm_head=True, include_embeddings=True)
+        qm = quantize_(model, scheme, layers=BLOCK_LINEARS, inplace=False, include_lm_head=True, include_embeddings=True)
         path = tmp_path / f"{scheme.name}.pt"
         save_quantized(qm, path)
         assert sorted(os.listdir(tmp_path)) == sorted(p for p in os.listdir(tmp_path) if not p.startswith(".tmp"))  # no temp left
@@ -174,7 +176,7 @@ def test_bad_inputs_raise_clear_errors(trained):
     with pytest.raises(SchemeError, match="backend"):
         quantize_(model, "w8a8-vectorwise", inplace=False, backend="fast")
     # NaN reaching a quantized layer is named
-    qm = quantize_(model, "w8a8-vectorwise", inplace=False)
+    qm = quantize_(model, "w8a8-vectorwise", layers=BLOCK_LINEARS, inplace=False)
     with torch.no_grad():
         qm.blocks[0].ln_attn.weight[3] = float("nan")
     with pytest.raises(SchemeError, match=r"layer 'blocks.0.attn.qkv': input contains NaN or inf"):

@@ -1,0 +1,260 @@
+"""Every exact INT8 GEMM path torch offers, and the choice of the fastest one for this machine.
+
+The same W8A8 arithmetic can run through several integer kernels, and which one wins depends on
+the CPU (VNNI only, AVX-512, AMX) and on the torch build. Each path is registered here as an
+`Int8Backend`; on first use on a CPU, `choose(M, K, N)` probes once per (machine, shape class):
+
+1. exactness: the backend's integer GEMM must equal the int64 reference bit for bit on awkward
+   shapes (M = 1, odd K and N) — a path that is not exact is never used, however fast;
+2. speed: a few interleaved timed calls of the whole eager W8A8 linear (quantize, GEMM, dequant)
+   on a shape of the class; a path more than `REFERENCE_KERNEL_SLOWDOWN` times slower than plain
+   `_int_mm` is oneDNN's scalar reference kernel (`ref_int8`, ~1000x slower: what Inductor's
+   `freezing=True` int8 rewrite runs on CPUs without AMX) and is excluded by name;
+3. the fastest surviving path is stored in the machine's probe cache (`rayq.kernels.machine`)
+   and recorded by every bench (`describe()`).
+
+Paths (device: name):
+- cpu: `int_mm_s8s8` (`torch._int_mm` s8 x s8), `int_mm_u8s8` (u8 x s8 with the 128 * colsum(W)
+  zero-point correction in int32), `onednn_qlinear` (`torch.ops.onednn.qlinear_pointwise` on a
+  prepacked s8 weight, u8 activation with zero point 128, the per-channel weight scale fused into
+  the GEMM's fp32 output; the per-token scale and the bias follow in place).
+  Large calls of the `_int_mm` paths additionally run the torch.compile-fused quantize/dequant
+  (`rayq.kernels.quantize.AUTO_COMPILE_WORK`).
+- cuda: `cuda_int_mm` (`_int_mm` with zero padding to its M > 16, K, N multiple-of-8 rules).
+- xla: `xla_dot` (an XLA DotGeneral of int8 operands with int32 accumulation).
+- anything else: `fp64` (the integer codes multiplied in float64, exact below 2^53).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import gemm, machine
+
+Tensor = torch.Tensor
+
+REFERENCE_KERNEL_SLOWDOWN = 20.0  # oneDNN's ref_int8 is ~1000x slower; real kernels are within ~3x
+PROBE_ROUNDS = 5
+COMPILED_GAIN = 1.25  # compiled vs eager `_int_mm` W8A8 linear at large shapes (see `choose`)
+PROBE_KN = 1024  # K = N of the timed probe shape: ~1 G multiply-adds at M = 1024, a few ms
+# shape classes by tokens per call: decode-like, eval batches, large prefill
+SHAPE_CLASSES = (("m<=32", 32, 16), ("m<=512", 512, 256), ("m>512", None, 1024))
+EXACT_SHAPES = ((1, 7, 5), (19, 67, 33), (33, 130, 17), (64, 1031, 40))
+
+
+@dataclass(frozen=True)
+class Int8Backend:
+    """One exact integer GEMM path: `gemm(a, w)` is X_q [M, K] @ W_q^T for int8 w [N, K], as
+    int32 (or fp32 holding the exact integers, for paths whose output is float)."""
+
+    name: str
+    device: str
+    available: Callable[[], bool]
+    gemm: Callable[[Tensor, Tensor], Tensor]
+    description: str
+
+
+_REGISTRY: dict[str, Int8Backend] = {}
+
+
+def register_backend(backend: Int8Backend) -> Int8Backend:
+    if backend.name in _REGISTRY:
+        raise ValueError(f"int8 backend registered twice: {backend.name!r}")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def get_backend(name: str) -> Int8Backend:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown int8 backend {name!r} (known: {', '.join(_REGISTRY)})")
+    return _REGISTRY[name]
+
+
+def list_backends(device: Optional[str] = None, available_only: bool = True) -> list[Int8Backend]:
+    return [b for b in _REGISTRY.values()
+            if (device is None or b.device == device) and (not available_only or b.available())]
+
+
+def _onednn_gemm(a: Tensor, w: Tensor) -> Tensor:
+    packed = gemm.onednn_prepack(w, a.shape[0])
+    return gemm.onednn_qlinear(a.view(torch.uint8) ^ 128, packed, torch.ones(w.shape[0]))
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _xla_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch_xla") is not None
+
+
+register_backend(Int8Backend("int_mm_s8s8", "cpu", lambda: True, lambda a, w: gemm.int8_mm(a, w, kernel="s8s8"),
+                             "torch._int_mm s8 x s8 -> s32 (oneDNN)"))
+register_backend(Int8Backend("int_mm_u8s8", "cpu", gemm.supports_u8, lambda a, w: gemm.int8_mm(a, w, kernel="u8s8"),
+                             "torch._int_mm u8 x s8 -> s32, minus 128 * colsum(W)"))
+register_backend(Int8Backend("onednn_qlinear", "cpu", gemm.onednn_available, _onednn_gemm,
+                             "oneDNN qlinear_pointwise, prepacked s8 weight, u8 activation, dequant fused, fp32 out"))
+register_backend(Int8Backend("cuda_int_mm", "cuda", _cuda_available, lambda a, w: gemm.int8_mm(a, w),
+                             "torch._int_mm on CUDA, zero-padded to M > 16 and K, N multiples of 8"))
+register_backend(Int8Backend("xla_dot", "xla", _xla_available, lambda a, w: gemm.int8_mm(a, w),
+                             "XLA DotGeneral int8 x int8 -> int32"))
+register_backend(Int8Backend("fp64", "any", lambda: True, lambda a, w: (a.double() @ w.double().t()).to(torch.int64),
+                             "integer codes multiplied in float64 (exact below 2^53)"))
+
+# CPU W8A8 linear form behind each CPU backend (see rayq.kernels.quantize.W8A8Linear)
+CPU_FORMS = {"int_mm_s8s8": "s8s8", "int_mm_u8s8": "u8s8", "onednn_qlinear": "onednn"}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _codes(shape: tuple[int, int], gen: torch.Generator) -> Tensor:
+    return torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+
+
+def check_exact(backend: Int8Backend, shapes=EXACT_SHAPES, device: str = "cpu") -> Optional[str]:
+    """None when `backend` equals the int64 reference on every shape, else why not."""
+    gen = torch.Generator().manual_seed(1234)
+    for M, K, N in shapes:
+        a, w = _codes((M, K), gen), _codes((N, K), gen)
+        try:
+            got = backend.gemm(a.to(device), w.to(device)).cpu()
+        except Exception as exc:  # noqa: BLE001 - a path that raises is a path we cannot use
+            return f"raised {type(exc).__name__}: {str(exc)[:120]}"
+        ref = gemm.int_mm_reference(a, w)
+        if got.is_floating_point():  # fp32 output: exact while |acc| < 2^24, true on these shapes
+            ok = got.shape == ref.shape and torch.equal(got.double(), ref.double())
+        else:
+            ok = torch.equal(got.to(torch.int64), ref)
+        if not ok:
+            return f"not bit-exact vs the int64 reference at {M}x{K}x{N}"
+    return None
+
+
+def shape_class(M: int) -> str:
+    for name, upper, _ in SHAPE_CLASSES:
+        if upper is None or M <= upper:
+            return name
+    raise AssertionError("unreachable")
+
+
+def _probe_shape(cls: str) -> tuple[int, int, int]:
+    M = next(rep for name, _, rep in SHAPE_CLASSES if name == cls)
+    return M, PROBE_KN, PROBE_KN
+
+
+def _linear_runner(form: str, M: int, K: int, N: int) -> Callable[[], object]:
+    """A whole eager W8A8 linear (quantize, GEMM, dequant, bias) in `form`, on random data."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=gen)
+    w = _codes((N, K), gen)
+    w_scale = torch.rand(N, generator=gen) * 1e-2
+    bias = torch.randn(N, generator=gen)
+    if form == "onednn":
+        packed = gemm.onednn_prepack(w, M)
+        return lambda: gemm.w8a8_onednn(x, packed, w_scale, bias, None, None, False)
+    comp = w.sum(1, dtype=torch.int32) * 128 if form == "u8s8" else None
+    return lambda: gemm.w8a8_core(x, w, w_scale, bias, None, None, False, comp)
+
+
+def reference_kernels(times_ms: dict[str, float], base: str = "int_mm_s8s8") -> dict[str, str]:
+    """The paths so much slower than plain `_int_mm` that oneDNN must be running its scalar
+    reference kernel (`ref_int8`), with the reason; `base` itself is never excluded."""
+    ref = times_ms.get(base)
+    if not ref:
+        return {}
+    return {name: f"{t / ref:.0f}x slower than _int_mm: oneDNN reference kernel (ref_int8)"
+            for name, t in times_ms.items() if name != base and t > REFERENCE_KERNEL_SLOWDOWN * ref}
+
+
+def probe_cpu(cls: str, rounds: int = PROBE_ROUNDS) -> dict[str, Any]:
+    """Measure the CPU paths for one shape class: exactness, then interleaved timings."""
+    M, K, N = _probe_shape(cls)
+    excluded: dict[str, str] = {}
+    runners: dict[str, Callable[[], object]] = {}
+    for b in list_backends("cpu", available_only=False):
+        if not b.available():
+            excluded[b.name] = "not available in this torch build"
+            continue
+        why = check_exact(b)
+        if why:
+            excluded[b.name] = why
+            continue
+        runners[b.name] = _linear_runner(CPU_FORMS[b.name], M, K, N)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    with torch.no_grad():
+        for f in runners.values():
+            f()  # first-call allocation and oneDNN primitive creation
+        for _ in range(rounds):
+            for name, f in runners.items():
+                t0 = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t0)
+    med = {k: round(statistics.median(v) * 1e3, 4) for k, v in times.items()}
+    excluded.update(reference_kernels(med))
+    usable = {k: v for k, v in med.items() if k not in excluded}
+    best = min(usable, key=usable.get) if usable else "int_mm_s8s8"
+    return {"backend": best, "shape": [M, K, N], "times_ms": med, "excluded": excluded,
+            "threads": torch.get_num_threads(), "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+_memo: dict[str, dict[str, Any]] = {}
+_memo_lock = threading.Lock()
+
+
+def _valid(entry: Optional[dict[str, Any]]) -> bool:
+    if not entry or not isinstance(entry.get("backend"), str) or entry["backend"] not in CPU_FORMS:
+        return False
+    return get_backend(entry["backend"]).available()
+
+
+def choice(cls: str) -> dict[str, Any]:
+    """The probe entry of a CPU shape class: from memory, else the disk cache, else a probe."""
+    with _memo_lock:
+        entry = _memo.get(cls)
+        if entry is None:
+            entry = machine.lookup(f"int8/{cls}")
+            if not _valid(entry):
+                entry = probe_cpu(cls)
+                machine.store(f"int8/{cls}", entry)
+            _memo[cls] = entry
+        return entry
+
+
+def choose(M: int, compiles: bool = False) -> str:
+    """The CPU W8A8 form ("s8s8", "u8s8" or "onednn") for a call with M tokens.
+
+    The probe times eager forms only (compiling in a probe would cost 10-90 s on first use).
+    When the call is big enough for the compiled `_int_mm` form (`compiles`), that form gains
+    ~COMPILED_GAIN over its eager timing (fused quantize and dequant passes; measured 1.24-1.30x
+    at 2048x4096x4096 here), so oneDNN's eager path is kept only if it beat the best eager
+    `_int_mm` form by more than that.
+    """
+    entry = choice(shape_class(M))
+    best = entry["backend"]
+    if compiles and best == "onednn_qlinear":
+        times = {k: v for k, v in entry.get("times_ms", {}).items() if k.startswith("int_mm") and k not in entry.get("excluded", {})}
+        if times and entry["times_ms"].get(best, 0) * COMPILED_GAIN > min(times.values()):
+            best = min(times, key=times.get)
+    return CPU_FORMS[best]
+
+
+def forget() -> None:
+    """Drop the in-process choices (the disk cache stays): the next call reads or probes again."""
+    with _memo_lock:
+        _memo.clear()
+
+
+def describe(probe: bool = True) -> dict[str, Any]:
+    """The choices for every shape class (probing where needed), for bench JSON."""
+    classes = {name: (choice(name) if probe else _memo.get(name)) for name, _, _ in SHAPE_CLASSES}
+    return {"machine": machine.describe(), "forced_cpu_kernel": gemm.cpu_kernel(), "cpu_choices": classes,
+            "available": [b.name for b in list_backends()]}
