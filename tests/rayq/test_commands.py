@@ -144,9 +144,9 @@ def test_ls_presets(capsys):
     rows = {r["name"]: r["description"] for r in json.loads(js)}
     assert set(rows) == set(names) and "CPU tests" in rows["tiny"]
     # whole comment blocks, never cut mid-sentence (the demo's spans two lines of its YAML)
-    assert rows["demo"].endswith("Milestone scaled from the paper's 15k of 75k.")
+    assert rows["demo"].endswith("so no noise prior is needed.")
     assert all(d.endswith((".", ")", ":")) or not d for d in rows.values()), rows
-    assert " ".join(out.split()).count("Milestone scaled from the paper's 15k of 75k.") == 1
+    assert " ".join(out.split()).count("Milestone scaled from the paper's 15k of 75k. Stopping:") == 1
 
 
 def test_ls_unknown_topic(capsys):

@@ -58,12 +58,19 @@ def _tracked_files() -> list[Path]:
     return [ROOT / name for name in listed.decode().split("\0") if name]
 
 
+RESULT_FILES = {".png", ".parquet"}
+RESULT_MAX_BYTES = 2 * 1024 * 1024
+
+
 def test_repository_tracks_no_binaries_and_no_machine_paths():
     machine = "/" + "work/"  # the development machine's checkout root, spelled so this file is clean
     files = _tracked_files()
     assert any(p.name == "pyproject.toml" for p in files)
     for path in files:
         data = path.read_bytes()
+        if path.suffix in RESULT_FILES:  # measured results (plots, tables): small, never code or weights
+            assert len(data) <= RESULT_MAX_BYTES, f"{path.relative_to(ROOT)}: {len(data)} bytes is not a small result file"
+            continue
         assert b"\0" not in data, f"{path.relative_to(ROOT)} is binary"
         assert machine.encode() not in data, f"{path.relative_to(ROOT)} names a machine path"
         assert path.suffix != ".whl"
