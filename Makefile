@@ -34,5 +34,12 @@ test-fast: $(STAMP)
 test-xla:
 	cluster/xla_lane.sh
 
+# The CUDA path: its own cached venv (CUDA torch, outside the checkout: ~/.cache/rayq/gpu-venv),
+# the gpu-marked tests and `rayq bench int8/train --device cuda`, one JSON. Without a GPU it
+# prints one line saying it skipped, before downloading anything. Not part of `make test`/CI.
+.PHONY: test-gpu
+test-gpu:
+	@cluster/gpu_lane.sh
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info
