@@ -56,10 +56,11 @@ class RayTrainReporter:
 
     `ray.train.report` puts each report on a result queue of size 1 that the controller drains
     once per poll (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), so a loop reporting
-    more often than that would stall for up to 2 s per report. Metrics-only reports therefore go
-    through one sender thread, in order, while the loop trains on; a checkpoint report waits for
-    everything before it and for its own upload (the staging directory is deleted after it).
-    `close()` flushes the sender; an error in it is raised in the loop at the next report.
+    more often than that would stall for up to 2 s per report. Reports therefore go through one
+    sender thread, in order, while the loop trains on; a checkpoint's staging directory (unique
+    per step) is uploaded and deleted by the sender. `close()` flushes it; an error in the sender
+    is raised in the loop at its next report. A backlog (`ray/report_backlog`) means the loop
+    reports faster than the controller polls: raise `train.log_every`.
     """
 
     def __init__(self) -> None:
@@ -89,9 +90,6 @@ class RayTrainReporter:
                    "ray/report_seconds": self.blocked_seconds, "ray/report_backlog": self._outbox.qsize()}
         self._first = {}
         self._outbox.put((metrics, checkpoint))
-        if checkpoint is not None:
-            self._outbox.join()
-            self._raise_if_failed()
         self.blocked_seconds += time.perf_counter() - t0
         return None
 
@@ -108,15 +106,14 @@ class RayTrainReporter:
     def _send_all(self) -> None:
         while True:
             item = self._outbox.get()
+            if item is None:
+                return
+            if self._error is not None:  # after a failure, drop the rest: the loop raises at its next report
+                continue
             try:
-                if item is None:
-                    return
-                if self._error is None:  # after a failure, drop the rest: the loop raises at its next report
-                    self._send(*item)
+                self._send(*item)
             except BaseException as exc:  # noqa: BLE001 - handed to the training thread
                 self._error = exc
-            finally:
-                self._outbox.task_done()
 
     def _send(self, metrics: dict, checkpoint: Optional[Path]) -> None:
         import ray.train
