@@ -143,7 +143,10 @@ class CpuSampler:
             secs = _cpu_seconds(pid)
             if secs is not None:
                 self._first.setdefault(pid, ("?", secs))
-                self._last[pid] = ("driver (rayq bench)" if pid == os.getpid() else _proc_name(pid), secs)
+                name = "driver (rayq bench)" if pid == os.getpid() else _proc_name(pid)
+                if name == "?" and pid in self._last:  # an exiting process (zombie) has no cmdline left
+                    name = self._last[pid][0]
+                self._last[pid] = (name, secs)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
