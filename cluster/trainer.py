@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import queue
+import shutil
 import tempfile
 import threading
 import time
