@@ -325,6 +325,13 @@ def ray_rounds(cfg, data, rounds: int, say: Say, with_defaults: bool = False) ->
         "ray_overhead_step_pct": med("ray_overhead_pct", "step"),
         "idle_ray_cost_pct": med("idle_ray_cost_pct", "wall"),
         "reporting_pct_of_wall": _median([x["reporting_pct_of_wall"] for x in out_rounds]),
+        # every process of the cluster but the worker and the driver (whose loop is idle then):
+        # what Ray's daemons and helper actors take from the cores the worker trains on
+        "daemons_cpu_pct_of_one_core": _median([
+            sum(v for k, v in x["cpu_pct_of_one_core"].items()
+                if not k.startswith(("ray::RayTrainWorker", "driver"))) for x in out_rounds]),
+        "worker_cpu_pct_of_one_core": _median([x["cpu_pct_of_one_core"].get("ray::RayTrainWorker", float("nan"))
+                                               for x in out_rounds]),
         **({"ray_default_settings_overhead_pct": _median([x["ray_default_settings"]["ray_overhead_pct"]["wall"]
                                                           for x in out_rounds])} if with_defaults else {}),
     }
