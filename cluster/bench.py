@@ -4,7 +4,9 @@ the Ray overhead with a breakdown, a bare PyTorch loop as the floor, and bf16 vs
 The machines this runs on are shared and drift by tens of percent within minutes, so the Ray
 overhead comes from interleaved rounds, each of them:
 
-1. the loop in-process, no Ray running;
+1. the loop in-process, no Ray running: in the main thread (what `rayq train` does), then in a
+   second thread (what Ray Train does: the overhead is measured against this one, see
+   `_local_in_thread`);
 2. the embedded Ray started (`rayq.cluster.trainer.connect`, the same cluster `rayq train` uses);
 3. the loop in-process beside the idle cluster (what idle Ray daemons cost a neighbour);
 4. the loop on a 1-worker TorchTrainer (`rayq.cluster.trainer.fit`, what `rayq train --workers 1`
@@ -234,6 +236,28 @@ def _local(cfg, data, device: Optional[str] = None) -> list[dict]:
         return reporter.rows
 
 
+def _local_in_thread(cfg, data, device: Optional[str] = None) -> list[dict]:
+    """`_local` in a second thread of this process: Ray Train V2 runs the train function in a
+    thread of its worker (not the main thread), and on a loaded machine torch's OpenMP team
+    behaves very differently from the two (measured here at load 25-60 on 2 cores: the tiny loop
+    with 2 threads ran 10-20x faster in a second thread than in the main thread). Comparing
+    like with like, the overhead is Ray's and not the calling thread's."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["rows"] = _local(cfg, data, device)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, name="rayq-bench-local")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["rows"]
+
+
 def _ray(cfg) -> tuple[list[dict], dict[str, float]]:
     from rayq.cluster.trainer import fit
 
@@ -273,13 +297,15 @@ def ray_rounds(cfg, data, rounds: int, say: Say, with_defaults: bool = False) ->
     for r in range(1, rounds + 1):
         if ray.is_initialized():
             raise RuntimeError("bench train: Ray is already running in this process; the rounds start and stop it")
-        say(f"round {r}/{rounds}: loop in-process, no Ray")
-        local = rates(_local(cfg, data, device), tokens)
+        say(f"round {r}/{rounds}: loop in-process (main thread), no Ray")
+        local_main = rates(_local(cfg, data, device), tokens)
+        say(f"round {r}/{rounds}: loop in-process (a second thread, as Ray Train runs it), no Ray")
+        local = rates(_local_in_thread(cfg, data, device), tokens)
         say(f"round {r}/{rounds}: starting the embedded Ray")
         connect(None, num_cpus=max(2, os.cpu_count() or 1))
         try:
             say(f"round {r}/{rounds}: loop in-process beside the idle Ray")
-            idle = rates(_local(cfg, data, device), tokens)
+            idle = rates(_local_in_thread(cfg, data, device), tokens)
             say(f"round {r}/{rounds}: loop on Ray Train, 1 worker")
             rows, cpu = _ray(cfg)
         finally:
@@ -299,7 +325,8 @@ def ray_rounds(cfg, data, rounds: int, say: Say, with_defaults: bool = False) ->
                         if span > 0 else float("nan"))
         first = rows[0] if rows else {}
         out_rounds.append({
-            "local_tokens_per_s": local, "idle_ray_local_tokens_per_s": idle, "ray_tokens_per_s": on_ray,
+            "local_tokens_per_s": local, "local_main_thread_tokens_per_s": local_main,
+            "idle_ray_local_tokens_per_s": idle, "ray_tokens_per_s": on_ray,
             "ray_overhead_pct": {k: 100 * (1 - on_ray[k] / local[k]) for k in ("step", "wall")},
             "idle_ray_cost_pct": {k: 100 * (1 - idle[k] / local[k]) for k in ("step", "wall")},
             "reporting_pct_of_wall": 100 * report_share,
@@ -323,6 +350,7 @@ def ray_rounds(cfg, data, rounds: int, say: Say, with_defaults: bool = False) ->
         "ray_tokens_per_s": med("ray_tokens_per_s", "wall"),
         "ray_overhead_pct": med("ray_overhead_pct", "wall"),
         "ray_overhead_step_pct": med("ray_overhead_pct", "step"),
+        "local_main_thread_tokens_per_s": med("local_main_thread_tokens_per_s", "wall"),
         "idle_ray_cost_pct": med("idle_ray_cost_pct", "wall"),
         "reporting_pct_of_wall": _median([x["reporting_pct_of_wall"] for x in out_rounds]),
         # every process of the cluster but the worker and the driver (whose loop is idle then):
