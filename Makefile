@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # be careful with folders ... same name"): information, not a problem; only that one is silenced.
 PIP    := PYTHONWARNINGS="ignore:Editable installation:UserWarning" $(BIN)/python -m pip
 
-.PHONY: demo test test-fast test-xla lint venv clean
+.PHONY: demo test test-fast test-xla test-gpu lint venv clean
 
 # The venv is (re)installed when pyproject.toml changes. torch is pinned to the CPU build
 # (torch==2.13.0) in pyproject.toml: a looser pin would pull a multi-GB CUDA build.
@@ -41,6 +41,12 @@ test-xla:
 lint: $(STAMP)
 	$(PIP) install --quiet -e ".[lint]"
 	$(BIN)/ruff check .
+
+# The CUDA path: its own cached venv (CUDA torch, outside the checkout: ~/.cache/rayq/gpu-venv),
+# the gpu-marked tests and `rayq bench int8/train --device cuda`, one JSON. Without a GPU it
+# prints one line saying it skipped, before downloading anything. Not part of `make test`/CI.
+test-gpu:
+	@cluster/gpu_lane.sh
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

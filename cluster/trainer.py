@@ -16,12 +16,14 @@ import queue as queue_lib
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import ray
 import ray.train
+import torch
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
@@ -36,6 +38,15 @@ from rayq.progress import say
 from rayq.schema import Config
 
 CHECKPOINTS = "checkpoints"  # Ray Train run name: checkpoints land in <storage>/checkpoints/step_N
+
+
+# Ray settings of the embedded cluster only (a cluster joined by address keeps its own):
+# - Ray starts its workers at nice 15; beside any other busy process on the machine a Ray Train
+#   worker then gets a sliver of a core (CFS weight 36 against 1024 at nice 0), while the same
+#   loop run by `rayq train` without Ray competes as an equal. The worker is the job here.
+# - The metrics pipeline (every process recording and pushing to the metrics agent for the
+#   Prometheus exporter) serves a dashboard that is off.
+EMBEDDED_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_metrics_collection": False}
 
 
 def connect(address: Optional[str], *, num_cpus: Optional[float] = None, quiet: bool = True,
@@ -55,7 +66,7 @@ def connect(address: Optional[str], *, num_cpus: Optional[float] = None, quiet: 
         context = ray.init(address=address, **kwargs)
     else:
         _single_machine_ray()
-        context = ray.init(num_cpus=num_cpus, **kwargs)
+        context = ray.init(num_cpus=num_cpus, _system_config=EMBEDDED_SYSTEM_CONFIG, **kwargs)
         node_ip = ray.util.get_node_ip_address()
         if node_ip not in LOOPBACK:
             ray.shutdown()
@@ -82,29 +93,78 @@ def _single_machine_ray() -> None:
 
 
 class RayTrainReporter:
-    """The train loop's reporter inside a Ray Train worker."""
+    """The train loop's reporter inside a Ray Train worker.
+
+    `ray.train.report` puts each report on a result queue of size 1 that the controller drains
+    once per poll (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), so a loop reporting
+    more often than that would stall for up to 2 s per report. Reports therefore go through one
+    sender thread, in order, while the loop trains on; a checkpoint's staging directory (unique
+    per step) is uploaded and deleted by the sender. `close()` flushes it; an error in the sender
+    is raised in the loop at its next report. A backlog (`ray/report_backlog`) means the loop
+    reports faster than the controller polls: raise `train.log_every`.
+    """
 
     def __init__(self) -> None:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.node_id = ray.get_runtime_context().get_node_id()  # hostnames repeat when nodes share a machine
+        self.blocked_seconds = 0.0  # time the loop spent waiting in report() (Ray overhead, `rayq bench train`)
+        # how this worker process runs, in its first report: a niceness above 0 or more threads
+        # than CPUs owned shows up as Ray overhead (`rayq bench train` reads them)
+        self._first: dict = {names.ray("torch_threads"): torch.get_num_threads(), names.ray("niceness"): os.nice(0)}
+        self._outbox: queue_lib.Queue = queue_lib.Queue()
+        self._error: Optional[BaseException] = None
+        self._sender = threading.Thread(target=self._send_all, name="rayq-report-sender", daemon=True)
+        self._sender.start()
 
     def new_checkpoint_dir(self, step: int) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"rayq-step_{step}-"))
 
     def report(self, metrics: dict, checkpoint: Optional[Path] = None) -> Optional[Path]:
-        metrics = {**metrics, names.train("node_id"): self.node_id}  # which node trained (it changes after a restart)
+        self._raise_if_failed()
+        t0 = time.perf_counter()
+        # which node trained (it changes after a restart); when; what reporting has cost the loop
+        metrics = {**metrics, **self._first, names.train("node_id"): self.node_id, names.train("wall_time"): time.time(),
+                   names.ray("report_seconds"): self.blocked_seconds, names.ray("report_backlog"): self._outbox.qsize()}
+        self._first = {}
+        self._outbox.put((metrics, checkpoint))
+        self.blocked_seconds += time.perf_counter() - t0
+        return None
+
+    def close(self) -> None:
+        """Send every queued report, stop the sender, raise what it failed with."""
+        self._outbox.put(None)
+        self._sender.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError("reporting to Ray Train failed") from self._error
+
+    def _send_all(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            if self._error is not None:  # after a failure, drop the rest: the loop raises at its next report
+                continue
+            try:
+                self._send(*item)
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                self._error = exc
+
+    def _send(self, metrics: dict, checkpoint: Optional[Path]) -> None:
         ckpt = None
         # rank 0 always holds the checkpoint; a sharded one (FSDP) has shard files on every rank,
         # and Ray Train merges the directories every rank reports into one checkpoint
         if checkpoint is not None and (self.rank == 0 or any(Path(checkpoint).iterdir())):
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint))
-        # every rank reports (it is a barrier); only rank 0's metrics are kept
+        # every rank reports the same reports in the same order (it is a barrier); only rank 0's
+        # metrics are kept
         ray.train.report(metrics, checkpoint=ckpt,
                          checkpoint_dir_name=f"step_{metrics[names.STEP]}" if checkpoint is not None else None)
         if checkpoint is not None:
             shutil.rmtree(checkpoint, ignore_errors=True)  # uploaded synchronously by report()
-        return None
 
     def restore(self) -> Optional[Path]:
         ckpt = ray.train.get_checkpoint()
@@ -122,6 +182,7 @@ def train_worker(loop_config: dict) -> None:
     reporter = RayTrainReporter()
     batches = ray_data_batches(cfg, reporter.world_size) if cfg.data.loader == "ray-data" else None
     train.run(cfg, reporter, data=data, evaluator=hook, device=device, batches=batches)
+    reporter.close()  # the last reports reach Ray before the worker's function returns
 
 
 def ray_data_batches(cfg: Config, world_size: int) -> data_io.TokenStream:

@@ -9,6 +9,7 @@ evaluator reports. Names are `/`-separated paths:
     train/<stat>                            train/loss, train/tokens_per_s, train/grad_norm, ...
     eval/loss                               held-out loss of the FP model (every eval step)
     eval/<stat>                             eval/seconds, eval/node, eval/node_id (bookkeeping)
+    ray/<stat>                              a Ray Train worker: report_seconds, report_backlog, ... (bookkeeping)
     fp/<task>/<m>                           a task's metric m of the FP model
     fp/<m>                                  the mean of m over the tasks that report m
     q/<scheme>/<task>/<m>, q/<scheme>/<m>   the same for the model quantized with <scheme>
@@ -36,7 +37,10 @@ def seed_checkpoint_path(seed_index: int) -> str:
     return f"{CHECKPOINT_PATH}/seed{seed_index}"
 
 # train/<stat>: what the loop reports at every log step
-TRAIN_STATS = ("loss", "tokens_per_s", "grad_norm", "lr", "loss_scale", "skipped_steps", "resumed_from", "node_id")
+TRAIN_STATS = ("loss", "tokens_per_s", "grad_norm", "lr", "loss_scale", "skipped_steps", "resumed_from", "node_id",
+               "wall_time")
+# ray/<stat>: how a Ray Train worker runs and what reporting costs its loop (`rayq bench train`)
+RAY_STATS = ("report_seconds", "report_backlog", "torch_threads", "niceness")
 # eval/<stat>: held-out loss and the evaluator's bookkeeping
 EVAL_STATS = ("loss", "seconds", "node", "node_id")
 # a task's metrics (eval.scoring reports these per task kind)
@@ -55,6 +59,10 @@ def _known(part: str, allowed: tuple[str, ...], family: str) -> str:
 
 def train(stat: str) -> str:
     return f"train/{_known(stat, TRAIN_STATS, 'train')}"
+
+
+def ray(stat: str) -> str:
+    return f"ray/{_known(stat, RAY_STATS, 'ray')}"
 
 
 def eval_(stat: str) -> str:
@@ -104,7 +112,8 @@ PATTERNS = (
     re.compile(rf"diag/{_PART}(?:/{_PART})*"),
 )
 # bookkeeping names a report carries that are not quantities to optimize
-_NOT_OBJECTIVES = {eval_("seconds"), eval_("node"), eval_("node_id"), train("node_id"), train("resumed_from")}
+_NOT_OBJECTIVES = {eval_("seconds"), eval_("node"), eval_("node_id"), train("node_id"), train("resumed_from"),
+                   train("wall_time")}
 
 
 def is_objective(name: str, tasks: Optional[Iterable[str]] = None, schemes: Optional[Iterable[str]] = None) -> bool:
