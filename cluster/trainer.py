@@ -11,6 +11,7 @@ report to the driver, which merges in the evaluator's metrics when evaluation ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue as queue_lib
 import shutil
@@ -18,7 +19,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import ray
@@ -65,8 +66,8 @@ def connect(address: Optional[str], *, num_cpus: Optional[float] = None, quiet: 
     if address:
         context = ray.init(address=address, **kwargs)
     else:
-        _single_machine_ray()
-        context = ray.init(num_cpus=num_cpus, _system_config=EMBEDDED_SYSTEM_CONFIG, **kwargs)
+        with _single_machine_ray():
+            context = ray.init(num_cpus=num_cpus, _system_config=EMBEDDED_SYSTEM_CONFIG, **kwargs)
         node_ip = ray.util.get_node_ip_address()
         if node_ip not in LOOPBACK:
             ray.shutdown()
@@ -83,13 +84,24 @@ LOOPBACK = ("127.0.0.1", "::1")
 _SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def _single_machine_ray() -> None:
-    """Make the embedded local Ray a single-machine Ray: nothing it starts listens beyond loopback."""
-    os.environ[_SINGLE_MACHINE_ENV] = "0"  # for the processes Ray starts (they inherit it)
+@contextlib.contextmanager
+def _single_machine_ray() -> Iterator[None]:
+    """While the embedded local Ray starts: a single-machine Ray, so nothing it starts listens
+    beyond loopback. The processes `ray.init` starts inherit the setting; it is restored after, so
+    a later `ray start` or `ray.init(address=...)` of this program joins clusters as usual."""
     from ray._private import ray_constants
 
-    # Ray reads the variable once, when it is imported; this process may have imported it already
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    before_env, before_flag = os.environ.get(_SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # Ray reads the variable once, at import
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_flag
+        if before_env is None:
+            os.environ.pop(_SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[_SINGLE_MACHINE_ENV] = before_env
 
 
 class RayTrainReporter:

@@ -16,8 +16,10 @@ def fit_one_worker(train_fn: Callable[[dict], None], cfg: Any, storage: str, xla
     from ray import cloudpickle
     from ray.train.torch import TorchTrainer
 
+    from rayq.cluster.trainer import connect
+
     cloudpickle.register_pickle_by_value(sys.modules[train_fn.__module__])  # workers cannot import test modules
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars or {}})
+    connect(None, num_cpus=2, runtime_env={"env_vars": env_vars or {}})  # the embedded Ray, on loopback
     try:
         trainer = TorchTrainer(
             train_fn, train_loop_config={"config": config_io.to_dict(cfg)}, torch_config=xla_config,

@@ -85,6 +85,7 @@ def test_tune_run_prints_rayq_table_not_rays(tmp_path, capfd):
     import ray
     import ray.tune
 
+    from rayq.cluster.trainer import connect
     from rayq.search.objectives import parse_objectives
     from rayq.search.scheduler import MilestoneScheduler
 
@@ -96,13 +97,13 @@ def test_tune_run_prints_rayq_table_not_rays(tmp_path, capfd):
 
     buf = io.StringIO()
     objectives = parse_objectives([f"{ACC}:max", f"{KL}:min"])
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    connect(None, num_cpus=1)  # the embedded Ray, on loopback
     try:
         tuner = ray.tune.Tuner(
             ray.tune.with_resources(trainable, {"CPU": 0.25}),
             param_space={"q": ray.tune.grid_search([0.9, 0.1])},
             tune_config=ray.tune.TuneConfig(
-                scheduler=MilestoneScheduler(objectives, [2], eta=3, state_path=str(tmp_path / "scheduler_state.json"),
+                scheduler=MilestoneScheduler(objectives, [2], eta=3, rule="moasha", state_path=str(tmp_path / "scheduler_state.json"),
                                              verbose=False),
                 max_concurrent_trials=1),
             run_config=ray.tune.RunConfig(
