@@ -38,8 +38,12 @@ test-xla:
 	cluster/xla_lane.sh
 
 # ruff (pyflakes, pycodestyle errors, import order; settings in pyproject.toml) from the lint extra.
-lint: $(STAMP)
+LINT_STAMP := $(VENV)/.lint-installed
+$(LINT_STAMP): $(STAMP)
 	$(PIP) install --quiet -e ".[lint]"
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
 	$(BIN)/ruff check .
 
 # The CUDA path: its own cached venv (CUDA torch, outside the checkout: ~/.cache/rayq/gpu-venv),
