@@ -31,6 +31,7 @@ from torch import nn
 
 from rayq.eval.degradation import Interval
 from rayq.eval.scoring import autocast_of, eval_mode, model_device, no_grad_for
+from rayq.model import BLOCK_LINEARS
 
 # label -> (scheme name, fields); the labels name the metrics
 DEFAULT_PROBES: dict[str, tuple[str, dict]] = {
@@ -88,9 +89,10 @@ def build_probes(model: nn.Module, calibration: Sequence[torch.Tensor], probes: 
     static = [s for s in schemes.values() if isinstance(s, W8A8TensorStatic)]
     clips = {}
     if static:
-        clips = calibrate_clips(model, probe_layers(model), calib, sorted({s.percentile for s in static}),
+        clips = calibrate_clips(model, probe_layers(model, BLOCK_LINEARS), calib, sorted({s.percentile for s in static}),
                                 max(s.calibration_batches for s in static))
-    return {label: quantize_probe(model, s, calibration=calib, backend=backend,
+    # the block linears, as the evaluator quantizes them: embeddings and the LM head stay FP
+    return {label: quantize_probe(model, s, calibration=calib, backend=backend, layers=BLOCK_LINEARS,
                                   clips=clips.get(getattr(s, "percentile", None))).eval()
             for label, s in schemes.items()}
 
