@@ -42,7 +42,14 @@ import zlib
 from pathlib import Path
 
 from rayq.corpus.document import Document
-from rayq.corpus.embedded import _deb_files, _osis_to_text, _paragraphs, _read_jsonl_docs, embedded_documents, fetch_debs
+from rayq.corpus.embedded import (
+    _deb_files,
+    _osis_to_text,
+    _paragraphs,
+    _read_jsonl_docs,
+    embedded_documents,
+    fetch_debs,
+)
 from rayq.errors import UserError
 
 __all__ = ["LARGE_PACKAGES", "LARGE_VERSION", "large_documents", "large_extra_documents", "dictd_documents",
