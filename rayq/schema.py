@@ -103,11 +103,11 @@ class RecipeConfig:
     weight_decay: float = 0.1
     """AdamW decoupled weight decay, applied to >=2-D weights (and LayerNorm gains if decay_norm_gains)."""
 
-    decay_norm_gains: bool = False
-    """Also decay the LayerNorm gains (toward 0); biases are never decayed."""
-
     grad_clip: Optional[float] = 1.0
     """Max global grad norm, or null for no clipping."""
+
+    decay_norm_gains: bool = False
+    """Also decay the LayerNorm gains (toward 0); biases are never decayed."""
 
     dropout: float = 0.0
     """On attention and MLP outputs before the residual add; never on embeddings."""
