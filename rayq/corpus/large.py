@@ -63,10 +63,12 @@ DICTD = {"dict-gcide": "gcide", "dict-foldoc": "foldoc", "dict-jargon": "jargon"
 COMMENTARIES = {"sword-comm-mhcc": "mhcc", "sword-comm-tdavid": "tdavid", "sword-comm-scofield": "scofield"}
 LARGE_PACKAGES = (*DICTD, "wordnet-base", "debian-reference-en", *COMMENTARIES)
 # Bump when the cleaning changes: the cached jsonl (and so every prepared-data hash) moves.
-LARGE_VERSION = 1
+LARGE_VERSION = 2
 
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _SOURCE_TAG = re.compile(r"^\s*\[(?:1913 Webster|PJC|WordNet 1\.5|Century Dict\.|Webster 1913 Suppl\.|[A-Z][\w .]{0,30})\]\s*$")
+# GCIDE's provenance tags also stand inside paragraphs: `... symbols. [1913 Webster] This letter ...`
+_INLINE_TAG = re.compile(r" ?\[(?:1913 Webster|PJC|WordNet 1\.5(?: \+PJC)?|Century Dict\.|Webster 1913 Suppl\.)\]")
 
 
 def _b64_number(text: str) -> int:
@@ -100,7 +102,8 @@ def dictd_documents(deb: Path, short: str) -> list[Document]:
         lines = [line for line in text.split("\n") if not _SOURCE_TAG.match(line)]
         first = head[:1].lower()
         letter = first if "a" <= first <= "z" else "other"
-        letters.setdefault(letter, []).append(re.sub(r"[ \t]{2,}", " ", _paragraphs(lines)))  # alignment runs
+        text = _INLINE_TAG.sub("", re.sub(r"[ \t]{2,}", " ", _paragraphs(lines)))  # and alignment runs
+        letters.setdefault(letter, []).append(text)
     return [Document(f"{short}/{k}", "".join(v)) for k, v in sorted(letters.items())]
 
 
