@@ -18,7 +18,7 @@ What `apt-get download` gets (Debian bookworm), and each text's licence (from th
 | dict-devil          | Ambrose Bierce, The Devil's Dictionary      | public domain      | 0.06M  | 0.13M   |
 
 *tokens with the `proxy` preset's 2048-piece tokenizer; with the default corpus (3.9M tokens) the
-large corpus is 29.7M train tokens, 44% of them GCIDE (measured 2026-12).
+large corpus is 29.6M train tokens, 44% of them GCIDE (measured 2026-12).
 
 Left out on purpose: `sword-text-kjv` (the same King James text as `bible-kjv-text`: a second
 copy would hide repetition), `sword-dict-naves` (mostly verse references), fortune files (short,
