@@ -207,7 +207,8 @@ def ray_data_batches(cfg: Config, world_size: int) -> data_io.TokenStream:
     shard = ray.train.get_dataset_shard("train")
     parts = [data_io.tokens_from_arrow(t) for t in shard.iter_batches(batch_format="pyarrow", batch_size=None)]
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    return data_io.TokenStream(tokens, cfg.model.seq_len, cfg.recipe.batch_size // world_size, seed=cfg.train.seed)
+    return data_io.TokenStream(tokens, cfg.model.seq_len, cfg.recipe.batch_size // world_size, seed=cfg.train.seed,
+                               bos_id=data_io.SPM_BOS_ID if cfg.data.bos else None)
 
 
 class QueueReports(UserCallback):

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from rayq import metrics as metric_names
+from rayq.data import with_bos
 from rayq.errors import UserError
 from rayq.eval.degradation import Interval, KLStats, kl_agreement, paired_bootstrap, token_batches
 from rayq.eval.diagnostics import Diagnostics, analyze
@@ -267,8 +268,12 @@ def eval_inputs(cfg: Config, data: Any = None, *, tokenizer: Any = None,
         tok = as_tokenizer(tokenizer)
         heldout_tokens = [i for _, text in sorted(heldout_texts.items()) for i in tok.encode(text)]
     batches = []
-    if heldout_tokens is not None and len(heldout_tokens) >= cfg.model.seq_len:
-        batches = token_batches(heldout_tokens, e.kl_tokens, cfg.model.seq_len, e.batch_size)
+    bos = getattr(data, "window_bos", None)  # the model saw BOS first in every sequence: so does KL
+    window = cfg.model.seq_len - (bos is not None)
+    if heldout_tokens is not None and window >= 1 and len(heldout_tokens) >= window:
+        batches = token_batches(heldout_tokens, e.kl_tokens, window, e.batch_size)
+        if bos is not None:
+            batches = [with_bos(b, bos) for b in batches]
     return EvalInputs(tasks, tokenizer, batches)
 
 

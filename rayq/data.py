@@ -23,6 +23,10 @@ A split's token stream is the concatenation of the `tokens` of its shards in man
 Training windows are fixed-length slices of that stream: window i covers tokens
 [i*T, i*T + T + 1), x = its first T tokens, y = its last T; `TokenStream` visits the windows in
 a seeded random order per epoch and keeps its position in a `state_dict()` for exact resume.
+With `data.bos` every packed sequence starts with the tokenizer's BOS id: window i covers
+[i*T, i*T + T), y = those T tokens, x = BOS followed by the first T - 1 of them. The setting is
+part of the cache key and the manifest, so whoever reads the prepared data (the evaluator, a
+later `rayq eval`) cuts its windows the way training did.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ __all__ = [
     "heldout_batches",
     "read_tokens",
     "tokens_from_arrow",
+    "with_bos",
+    "SPM_BOS_ID",
 ]
 
 SCHEMA_VERSION = 1
@@ -68,6 +74,7 @@ TRAIN, HELDOUT = "train", "heldout"
 TAIL_SUFFIX = "#tail"  # name of the held-out tail of a document (data.heldout_fraction)
 _ROW_TOKENS = 16384  # tokens per Parquet row: small enough to slice, large enough to be cheap
 _SPM_THREADS = 4  # fixed: SentencePiece's trained model depends on its thread count
+SPM_BOS_ID = 1  # set explicitly when training the tokenizer (Ray Data workers cut windows without its model)
 _SPM_MAX_LINE = 4000  # SentencePiece skips training sentences longer than max_sentence_length
 _STALE_TMP_SECONDS = 6 * 3600  # temp dirs of killed prepares older than this are removed
 
@@ -182,6 +189,7 @@ def train_tokenizer(docs: list[Document], vocab_size: int, model_type: str, max_
             vocab_size=vocab_size,
             model_type=model_type,
             byte_fallback=True,
+            unk_id=0, bos_id=SPM_BOS_ID, eos_id=2, pad_id=-1,
             user_defined_symbols=["\n"],
             remove_extra_whitespaces=False,
             split_digits=True,
@@ -316,6 +324,13 @@ class PreparedData:
     @property
     def eos_id(self) -> int:
         return int(self.manifest["tokenizer"]["eos_id"])
+
+    @property
+    def window_bos(self) -> Optional[int]:
+        """The BOS id every packed sequence starts with (prepared with data.bos), else None."""
+        if not self.manifest["config"]["data"].get("bos", False):
+            return None
+        return int(self.manifest["tokenizer"]["bos_id"])
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer().encode(text)
@@ -524,7 +539,7 @@ class TokenStream:
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, *, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, bos_id: Optional[int] = None):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
         if not 0 <= rank < world_size:
@@ -532,9 +547,12 @@ class TokenStream:
         self.tokens = np.asarray(tokens, dtype=np.int32)
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.num_windows = (len(self.tokens) - 1) // self.seq_len
+        self.bos_id = None if bos_id is None else int(bos_id)
+        # a window holds T + 1 stream tokens (x and y shifted by one), or T with BOS in front of x
+        self.span = self.seq_len if self.bos_id is not None else self.seq_len + 1
+        self.num_windows = (len(self.tokens) - self.span + self.seq_len) // self.seq_len
         if self.num_windows < 1:
-            raise UserError(f"data: the train split has {len(self.tokens)} tokens, fewer than seq_len+1={seq_len + 1}")
+            raise UserError(f"data: the train split has {len(self.tokens)} tokens, fewer than one window (seq_len={seq_len}: {self.span} tokens)")
         self.position = 0  # windows consumed by all ranks together
         self._perm_epoch, self._perm = -1, None
 
@@ -556,9 +574,8 @@ class TokenStream:
         start = self.position + self.rank * self.batch_size
         ids = self._window_ids(start, self.batch_size)
         self.position += self.batch_size * self.world_size
-        offsets = ids[:, None] * self.seq_len + np.arange(self.seq_len + 1)[None, :]
-        w = torch.from_numpy(self.tokens[offsets].astype(np.int64))
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        offsets = ids[:, None] * self.seq_len + np.arange(self.span)[None, :]
+        return _windows_to_xy(torch.from_numpy(self.tokens[offsets].astype(np.int64)), self.bos_id)
 
     def state_dict(self) -> dict:
         # plain ints only: checkpoints are loaded with torch.load(weights_only=True)
@@ -575,10 +592,23 @@ class TokenStream:
         self.position = int(state["position"])
 
 
+def with_bos(windows: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """(B, L) token windows -> (B, L + 1) with the BOS id in front of every row."""
+    return torch.cat([torch.full_like(windows[:, :1], bos_id), windows], dim=1)
+
+
+def _windows_to_xy(w: torch.Tensor, bos_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stream windows -> (x, y): T + 1 tokens shifted by one, or T tokens with BOS in front of x."""
+    if bos_id is None:
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+    return with_bos(w[:, :-1], bos_id), w.contiguous()
+
+
 def train_batches(data: PreparedData, batch_size: int, seq_len: int, *, seed: int = 0, rank: int = 0,
                   world_size: int = 1) -> TokenStream:
     """The endless, resumable (x, y) iterator over the train split for one rank (per-rank batch)."""
-    return TokenStream(data.tokens(TRAIN), seq_len, batch_size, seed=seed, rank=rank, world_size=world_size)
+    return TokenStream(data.tokens(TRAIN), seq_len, batch_size, seed=seed, rank=rank, world_size=world_size,
+                       bos_id=data.window_bos)
 
 
 def heldout_batches(data: PreparedData, n: int, batch_size: int, seq_len: int) -> list:
@@ -586,15 +616,16 @@ def heldout_batches(data: PreparedData, n: int, batch_size: int, seq_len: int) -
     evenly over it (the same batches at every eval step, so eval losses are comparable)."""
 
     tokens = data.tokens(HELDOUT)
-    windows = (len(tokens) - 1) // seq_len
+    bos = data.window_bos
+    span = seq_len if bos is not None else seq_len + 1
+    windows = (len(tokens) - span + seq_len) // seq_len
     if windows < 1:
         raise UserError(
-            f"data: the held-out split has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}; "
+            f"data: the held-out split has {len(tokens)} tokens, fewer than one window (seq_len={seq_len}: {span} tokens); "
             "set data.heldout_documents or data.heldout_fraction"
         )
     need = n * batch_size
     ids = (np.arange(need) * windows) // need if windows >= need else np.arange(need) % windows
-    offsets = ids[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    w = torch.from_numpy(tokens[offsets].astype(np.int64))
-    return [(w[i : i + batch_size, :-1].contiguous(), w[i : i + batch_size, 1:].contiguous())
-            for i in range(0, need, batch_size)]
+    offsets = ids[:, None] * seq_len + np.arange(span)[None, :]
+    x, y = _windows_to_xy(torch.from_numpy(tokens[offsets].astype(np.int64)), bos)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, need, batch_size)]

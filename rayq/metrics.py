@@ -7,6 +7,7 @@ evaluator reports. Names are `/`-separated paths:
     step, diverged                          the report's position and divergence flag
     checkpoint_path[/seed<k>]               where the report's checkpoint (of seed k) was committed
     train/<stat>                            train/loss, train/tokens_per_s, train/grad_norm, ...
+    data/tokens, data/epochs                the train split's size and the passes over it so far
     eval/loss                               held-out loss of the FP model (every eval step)
     eval/<stat>                             eval/seconds, eval/node, eval/node_id (bookkeeping)
     ray/<stat>                              a Ray Train worker: report_seconds, report_backlog, ... (bookkeeping)
@@ -37,8 +38,11 @@ def seed_checkpoint_path(seed_index: int) -> str:
     return f"{CHECKPOINT_PATH}/seed{seed_index}"
 
 # train/<stat>: what the loop reports at every log step
+# (clip_frac: the fraction of steps since the last report whose gradients clipping scaled down)
 TRAIN_STATS = ("loss", "tokens_per_s", "grad_norm", "lr", "loss_scale", "skipped_steps", "resumed_from", "node_id",
-               "wall_time")
+               "clip_frac", "wall_time")
+# data/<stat>: the train split's size in tokens and the passes made over it so far
+DATA_STATS = ("tokens", "epochs")
 # ray/<stat>: how a Ray Train worker runs and what reporting costs its loop (`rayq bench train`)
 RAY_STATS = ("report_seconds", "report_backlog", "torch_threads", "niceness")
 # eval/<stat>: held-out loss and the evaluator's bookkeeping
@@ -63,6 +67,10 @@ def train(stat: str) -> str:
 
 def ray(stat: str) -> str:
     return f"ray/{_known(stat, RAY_STATS, 'ray')}"
+
+
+def data(stat: str) -> str:
+    return f"data/{_known(stat, DATA_STATS, 'data')}"
 
 
 def eval_(stat: str) -> str:
@@ -104,6 +112,7 @@ PATTERNS = (
     re.compile(rf"(?:{STEP}|{DIVERGED})"),
     re.compile(rf"train/(?:{_ALT(TRAIN_STATS)})"),
     re.compile(rf"eval/(?:{_ALT(EVAL_STATS)})"),
+    re.compile(rf"data/(?:{_ALT(DATA_STATS)})"),
     re.compile(rf"fp/(?:{_ALT(MEAN_METRICS)})"),
     re.compile(rf"fp/(?P<task>{_PART})/(?:{_ALT(TASK_METRICS)})"),
     re.compile(rf"q/(?P<scheme>{_PART})/(?:{_ALT(MEAN_METRICS)})"),
@@ -113,7 +122,7 @@ PATTERNS = (
 )
 # bookkeeping names a report carries that are not quantities to optimize
 _NOT_OBJECTIVES = {eval_("seconds"), eval_("node"), eval_("node_id"), train("node_id"), train("resumed_from"),
-                   train("wall_time")}
+                   train("wall_time"), data("tokens")}
 
 
 def is_objective(name: str, tasks: Optional[Iterable[str]] = None, schemes: Optional[Iterable[str]] = None) -> bool:
@@ -143,6 +152,7 @@ def objective_names(tasks: Iterable[str] = (), schemes: Iterable[str] = ()) -> l
     which diagnostics exist depends on the model), for listings and did-you-mean hints."""
     tasks, schemes = list(tasks), list(schemes)
     names = [STEP, DIVERGED, *(train(s) for s in TRAIN_STATS if train(s) not in _NOT_OBJECTIVES), EVAL_LOSS]
+    names += [data(s) for s in DATA_STATS if data(s) not in _NOT_OBJECTIVES]
     names += [fp(None, m) for m in MEAN_METRICS]
     names += [fp(t, m) for t in tasks for m in TASK_METRICS]
     for s in schemes:

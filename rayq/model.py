@@ -97,11 +97,15 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay only on >=2-D weights (matrices, embeddings), not biases or gains."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_gains: bool = False) -> list[dict]:
+    """AdamW groups: weight decay on >=2-D weights (matrices, embeddings) and, with
+    `decay_norm_gains`, on the LayerNorm gains too; never on biases."""
+    gains = {id(m.weight) for m in model.modules() if isinstance(m, nn.LayerNorm) and m.weight is not None}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decayed = [p for p in params if p.dim() >= 2 or (decay_norm_gains and id(p) in gains)]
+    chosen = {id(p) for p in decayed}
+    return [{"params": decayed, "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in chosen], "weight_decay": 0.0}]
 
 
 def count_parameters(cfg: ModelConfig) -> int:

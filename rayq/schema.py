@@ -101,10 +101,13 @@ class RecipeConfig:
     """The optimization choices the paper found to nurture (or prevent) PTQ sensitivity."""
 
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay, applied only to >=2-D weights."""
+    """AdamW decoupled weight decay, applied to >=2-D weights (and LayerNorm gains if decay_norm_gains)."""
 
     grad_clip: Optional[float] = 1.0
     """Max global grad norm, or null for no clipping."""
+
+    decay_norm_gains: bool = False
+    """Also decay the LayerNorm gains (toward 0); biases are never decayed."""
 
     dropout: float = 0.0
     """On attention and MLP outputs before the residual add; never on embeddings."""
@@ -122,7 +125,14 @@ class RecipeConfig:
     """Peak learning rate."""
 
     min_lr_ratio: float = 0.1
-    """Cosine decays to lr * min_lr_ratio."""
+    """The schedule ends at lr * min_lr_ratio (cosine and wsd alike)."""
+
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """After warmup: `cosine` decays to the floor over all remaining steps; `wsd` (warmup-stable-decay)
+    holds lr until the last decay_fraction of the steps, then decays linearly to the floor."""
+
+    decay_fraction: float = 0.2
+    """Wsd only: the final fraction of recipe.steps spent decaying."""
 
     warmup_steps: int = 20
     """Linear warmup (paper: 1500)."""
@@ -154,6 +164,7 @@ class RecipeConfig:
         _check(0 <= self.dropout < 1, f"dropout: expected in [0, 1), got {self.dropout}")
         _check(self.lr > 0 and math.isfinite(self.lr), f"lr: expected a finite value > 0, got {self.lr}")
         _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio: expected in [0, 1], got {self.min_lr_ratio}")
+        _check(0 < self.decay_fraction <= 1, f"decay_fraction: expected in (0, 1], got {self.decay_fraction}")
         _check(self.warmup_steps >= 0, f"warmup_steps: expected >= 0, got {self.warmup_steps}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2: expected in [0, 1)")
         _check(self.eps > 0, f"eps: expected > 0, got {self.eps}")
@@ -168,7 +179,16 @@ class DataConfig:
     """Corpus -> SentencePiece -> Parquet token shards -> held-out split."""
 
     sources: list[str] = field(default_factory=list)
-    """Txt/jsonl/parquet globs or s3:// gs:// URIs; [] = embedded corpus."""
+    """Txt/jsonl/parquet globs or s3:// gs:// URIs; [] = the embedded corpus named by data.corpus."""
+
+    corpus: Literal["default", "large"] = "default"
+    """Embedded corpus when sources is []: `default` (KJV, World English Bible, Austen; ~3M tokens) or
+    `large` (adds GCIDE, WordNet glosses, Debian Reference, Jargon File, FOLDOC, Devil's Dictionary
+    and three public-domain SWORD commentaries from Debian packages; ~30M tokens at vocab 2048)."""
+
+    bos: bool = False
+    """Start every packed sequence (train windows, held-out and KL batches) with the tokenizer's BOS
+    id; a window then holds seq_len - 1 corpus tokens."""
 
     heldout_documents: list[str] = field(default_factory=lambda: ["austen/emma"])
     """Whole documents held out for eval."""
@@ -198,6 +218,8 @@ class DataConfig:
     (for corpora larger than a node's memory; batches then differ from a 1-worker run)."""
 
     def __post_init__(self) -> None:
+        _check(not (self.sources and self.corpus != "default"),
+               f"corpus: {self.corpus!r} names an embedded corpus, but data.sources is set; give one of the two")
         _check(0 <= self.heldout_fraction < 1, f"heldout_fraction: expected in [0, 1), got {self.heldout_fraction}")
         _check(self.tokenizer_train_chars >= 10_000, "tokenizer_train_chars: expected >= 10000")
         _check(self.shard_tokens >= 1024, f"shard_tokens: expected >= 1024, got {self.shard_tokens}")

@@ -176,12 +176,34 @@ def format_metrics(m: dict) -> str:
 
 
 def lr_at(step: int, r: RecipeConfig) -> float:
-    """Linear warmup to recipe.lr, then cosine decay to lr * min_lr_ratio at recipe.steps."""
+    """Linear warmup to recipe.lr, then recipe.schedule down to lr * min_lr_ratio at recipe.steps:
+    `cosine` over all steps after warmup, or `wsd` (warmup-stable-decay): flat at lr, then linear
+    decay over the last decay_fraction of the steps."""
     if r.warmup_steps and step <= r.warmup_steps:
         return r.lr * step / r.warmup_steps
+    floor = r.lr * r.min_lr_ratio
+    if r.schedule == "wsd":
+        decay_start = max(r.warmup_steps, r.steps - round(r.decay_fraction * r.steps))
+        if step <= decay_start:
+            return r.lr
+        progress = min(1.0, (step - decay_start) / max(1, r.steps - decay_start))
+        return r.lr - (r.lr - floor) * progress
     span = max(1, r.steps - r.warmup_steps)
     progress = min(1.0, (step - r.warmup_steps) / span)
-    return r.lr * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return floor + (r.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def was_clipped(grad_norm: float, max_clip: Optional[float]) -> bool:
+    """Whether clipping scaled this step's gradients (a non-finite norm is a skipped step, not a clip)."""
+    return max_clip is not None and math.isfinite(grad_norm) and grad_norm > max_clip
+
+
+def data_metrics(data: data_io.PreparedData, step: int, cfg: Config) -> dict:
+    """`data/tokens` (the train split's size) and `data/epochs` (passes over it so far): every
+    window consumes seq_len corpus tokens, so repetition is in every report, never hidden."""
+    tokens = data.num_tokens(data_io.TRAIN)
+    seen = step * cfg.recipe.batch_size * cfg.model.seq_len
+    return {names.data("tokens"): tokens, names.data("epochs"): seen / max(1, tokens)}
 
 
 @dataclass
@@ -219,7 +241,7 @@ def build_model(cfg: Config, device: torch.device) -> GPT:
 
 
 def build_optimizer(model: nn.Module, r: RecipeConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, r.weight_decay), lr=r.lr, betas=(r.beta1, r.beta2), eps=r.eps,
+    return torch.optim.AdamW(param_groups(model, r.weight_decay, r.decay_norm_gains), lr=r.lr, betas=(r.beta1, r.beta2), eps=r.eps,
                              foreach=True)
 
 
@@ -293,6 +315,7 @@ def run(cfg: Config, reporter: Reporter, *, data: Optional[data_io.PreparedData]
     last_metrics: dict = {}
     last_ckpt: Optional[Path] = resume
     window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
+    window_steps, window_clipped = 0, 0
     grad_norm = float("nan")
     diverged = False
 
@@ -345,6 +368,8 @@ def run(cfg: Config, reporter: Reporter, *, data: Optional[data_io.PreparedData]
         consecutive_skips = consecutive_skips + 1 if step_skipped else 0
         window_time += time.perf_counter() - t0
         window_tokens += x.numel() * world
+        window_steps += 1
+        window_clipped += was_clipped(grad_norm, cfg.recipe.grad_clip)
 
         if not math.isfinite(loss_value) and (scaler is None or consecutive_skips >= MAX_CONSECUTIVE_SKIPS):
             diverged = True
@@ -365,8 +390,10 @@ def run(cfg: Config, reporter: Reporter, *, data: Optional[data_io.PreparedData]
                        names.train("grad_norm"): grad_norm, names.train("lr"): lr_at(step, cfg.recipe),
                        names.train("loss_scale"): scaler.get_scale() if scaler is not None else 1.0,
                        names.train("skipped_steps"): skipped, names.train("resumed_from"): resumed_from,
-                       names.DIVERGED: 0}
+                       names.train("clip_frac"): window_clipped / max(1, window_steps),
+                       **data_metrics(data, step, cfg), names.DIVERGED: 0}
             window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
+            window_steps, window_clipped = 0, 0
             if is_eval:
                 metrics[names.EVAL_LOSS] = heldout_loss(model, heldout, policy, device)
                 if evaluator is not None:

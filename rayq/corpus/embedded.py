@@ -72,19 +72,20 @@ def _deb_files(deb: Path, wanted: Iterable[str]) -> dict[str, bytes]:
     return out
 
 
-def _fetch_debs(deb_dir: Path) -> dict[str, Path]:
+def fetch_debs(deb_dir: Path, packages: Iterable[str] = EMBEDDED_PACKAGES) -> dict[str, Path]:
     """Download the packages into `deb_dir` (once) and return package -> .deb path."""
+    packages = tuple(packages)
     deb_dir.mkdir(parents=True, exist_ok=True)
 
     def found() -> dict[str, Path]:
-        hits = {p: sorted(deb_dir.glob(f"{p}_*.deb")) for p in EMBEDDED_PACKAGES}
+        hits = {p: sorted(deb_dir.glob(f"{p}_*.deb")) for p in packages}
         return {p: h[-1] for p, h in hits.items() if h}
 
     have = found()
-    missing = [p for p in EMBEDDED_PACKAGES if p not in have]
+    missing = [p for p in packages if p not in have]
     if not missing:
         return have
-    command = f"cd {deb_dir} && apt-get download {' '.join(EMBEDDED_PACKAGES)}"
+    command = f"cd {deb_dir} && apt-get download {' '.join(packages)}"
     hint = f"run by hand: {command}  (or set data.sources to your own text files)"
     if shutil.which("apt-get") is None:
         raise UserError(f"embedded corpus: apt-get not found, cannot fetch {', '.join(missing)}; {hint}")
@@ -92,7 +93,7 @@ def _fetch_debs(deb_dir: Path) -> dict[str, Path]:
         ["apt-get", "download", *missing], cwd=deb_dir, capture_output=True, text=True, timeout=600
     )
     have = found()
-    still = [p for p in EMBEDDED_PACKAGES if p not in have]
+    still = [p for p in packages if p not in have]
     if proc.returncode != 0 or still:
         err = (proc.stderr or proc.stdout).strip().splitlines()
         why = err[-1] if err else f"exit code {proc.returncode}"
@@ -399,7 +400,7 @@ def embedded_documents(cache_dir: str | os.PathLike, progress=None) -> list[Docu
         return _read_jsonl_docs(cached)
     say = progress or (lambda msg: None)
     say(f"fetching {', '.join(EMBEDDED_PACKAGES)} with apt-get download into {corpus_dir / 'debs'}")
-    debs = _fetch_debs(corpus_dir / "debs")
+    debs = fetch_debs(corpus_dir / "debs")
     say("cleaning King James Bible, Jane Austen, World English Bible")
     docs = kjv_documents(debs["bible-kjv-text"]) + austen_documents(debs["r-cran-janeaustenr"])
     docs += web_documents(debs["sword-text-web"])

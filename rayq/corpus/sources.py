@@ -10,6 +10,7 @@ from typing import Iterable, Iterator
 
 from rayq.corpus.document import Document
 from rayq.corpus.embedded import embedded_documents
+from rayq.corpus.large import large_documents
 from rayq.errors import UserError
 
 __all__ = ["read_sources", "load_documents", "jsonl_objects"]
@@ -170,7 +171,9 @@ def read_sources(sources: Iterable[str]) -> list[Document]:
 
 
 def load_documents(data_cfg, progress=None) -> list[Document]:
-    """The documents a `DataConfig` asks for: its sources, or the embedded corpus if none."""
+    """The documents a `DataConfig` asks for: its sources, or the embedded corpus (data.corpus) if none."""
     if data_cfg.sources:
         return read_sources(data_cfg.sources)
+    if data_cfg.corpus == "large":
+        return large_documents(data_cfg.cache_dir, progress=progress)
     return embedded_documents(data_cfg.cache_dir, progress=progress)

@@ -171,3 +171,17 @@ def test_make_eval_hook_from_explicit_parts_and_policy(trained_gpt):
     assert m["fp/acc_norm"] == m["fp/heldout-cloze/acc_norm"] and m["fp/acc_bytes"] == m["fp/heldout-cloze/acc_bytes"]
     with pytest.raises(UserError, match="needs a tokenizer"):
         make_eval_hook(cfg)
+
+
+def test_kl_batches_start_with_bos_when_the_data_does(tiny_setup):
+    """A model trained with data.bos sees BOS first in every sequence: so do its KL batches."""
+    from rayq import config as config_io
+    from rayq import data as data_io
+    from rayq.eval import eval_inputs
+
+    base, plain = tiny_setup
+    cfg = config_io.with_values(base, {"data.bos": True, "eval.kl_tokens": 512})
+    with_bos = data_io.prepare(cfg.data, cfg.model.vocab_size)
+    batches = eval_inputs(cfg, with_bos).kl_batches
+    assert batches and all(b.shape[1] == cfg.model.seq_len and (b[:, 0] == with_bos.window_bos).all() for b in batches)
+    assert not any((b[:, 0] == data_io.SPM_BOS_ID).all() for b in eval_inputs(base, plain).kl_batches)

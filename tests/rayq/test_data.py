@@ -282,3 +282,32 @@ def test_empty_heldout_split_is_a_clear_error(corpus, tmp_path):
 def test_too_short_train_split_is_a_clear_error():
     with pytest.raises(UserError, match="seq_len"):
         data_io.TokenStream(np.arange(10, dtype=np.int32), seq_len=16, batch_size=1)
+
+
+# ----------------------------------------------------------------------------- BOS
+
+
+def test_bos_starts_every_window_and_is_in_the_cache_key(corpus, tmp_path, prepared):
+    with_bos = prepare_cfg(make_cfg(corpus, tmp_path, bos=True))
+    assert with_bos.key != prepared.key and prepared.window_bos is None
+    bos = with_bos.window_bos
+    assert bos == with_bos.tokenizer().bos_id() == data_io.SPM_BOS_ID
+    assert np.array_equal(with_bos.tokens("train"), prepared.tokens("train"))  # BOS is cut in, not stored
+    stream = data_io.train_batches(with_bos, batch_size=4, seq_len=16, seed=1)
+    assert stream.num_windows == len(with_bos.tokens("train")) // 16
+    x, y = next(stream)
+    assert x.shape == y.shape == (4, 16)
+    assert (x[:, 0] == bos).all() and torch.equal(x[:, 1:], y[:, :-1])
+    tokens = torch.from_numpy(with_bos.tokens("train").astype(np.int64))
+    for row in y:  # y is a whole window of the stream, starting at a multiple of T
+        assert any(torch.equal(tokens[s : s + 16], row) for s in range(0, len(tokens) - 15, 16))
+    assert bos not in with_bos.tokens("train")  # the corpus itself never holds BOS: only window starts do
+    for hx, hy in data_io.heldout_batches(with_bos, 2, 3, 16):
+        assert (hx[:, 0] == bos).all() and torch.equal(hx[:, 1:], hy[:, :-1])
+
+
+def test_bos_windows_cover_every_token_once_per_epoch():
+    stream = data_io.TokenStream(np.arange(3, 8 * 10 + 3, dtype=np.int32), seq_len=8, batch_size=5, seed=3, bos_id=1)
+    assert stream.num_windows == 10
+    ys = torch.cat([next(stream)[1] for _ in range(2)])
+    assert sorted(ys.flatten().tolist()) == list(range(3, 83))

@@ -101,3 +101,59 @@ def test_lr_schedule():
     assert lr_at(10, cfg.recipe) == pytest.approx(1.0)
     assert lr_at(100, cfg.recipe) == pytest.approx(0.1)
     assert all(lr_at(s, cfg.recipe) >= lr_at(s + 1, cfg.recipe) for s in range(10, 100))
+
+
+def test_wsd_schedule_holds_then_decays_linearly():
+    cfg = config_io.resolve("tiny", overrides=["recipe.steps=100", "recipe.warmup_steps=10", "recipe.lr=1.0",
+                                               "recipe.min_lr_ratio=0.1", "recipe.schedule=wsd",
+                                               "recipe.decay_fraction=0.2"])
+    assert lr_at(5, cfg.recipe) == pytest.approx(0.5)
+    assert [lr_at(s, cfg.recipe) for s in (10, 50, 80)] == pytest.approx([1.0, 1.0, 1.0])
+    assert lr_at(90, cfg.recipe) == pytest.approx(0.55)
+    assert lr_at(100, cfg.recipe) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg.recipe) > lr_at(s + 1, cfg.recipe) for s in range(80, 100))
+    with pytest.raises(UserError, match="decay_fraction"):
+        config_io.resolve("tiny", overrides=["recipe.decay_fraction=0"])
+
+
+def test_clip_fraction_and_data_metrics_are_reported(tiny_setup, tmp_path):
+    base, data = tiny_setup
+    values = {"recipe.steps": 12, "train.log_every": 4, "recipe.precision": "fp32"}
+    tight = run(_cfg(base, **values, **{"recipe.grad_clip": 1e-6}), LocalReporter(tmp_path / "a", base, echo=False),
+                data=data)
+    loose = run(_cfg(base, **values, **{"recipe.grad_clip": 1e6}), LocalReporter(tmp_path / "b", base, echo=False),
+                data=data)
+    off = run(_cfg(base, **values, **{"recipe.grad_clip": None}), LocalReporter(tmp_path / "c", base, echo=False),
+              data=data)
+    assert [m["train/clip_frac"] for m in tight.history] == [1.0, 1.0, 1.0]
+    assert [m["train/clip_frac"] for m in loose.history] == [0.0, 0.0, 0.0]
+    assert [m["train/clip_frac"] for m in off.history] == [0.0, 0.0, 0.0]
+    tokens = data.num_tokens("train")
+    per_step = base.recipe.batch_size * base.model.seq_len
+    assert all(m["data/tokens"] == tokens for m in tight.history)
+    assert [m["data/epochs"] for m in tight.history] == pytest.approx([s * per_step / tokens for s in (4, 8, 12)])
+
+
+def test_decay_norm_gains_decays_layernorm_gains_only(tiny_setup):
+    from rayq.model import GPT, param_groups
+    from rayq.train import build_optimizer
+
+    base, _ = tiny_setup
+    model = GPT(base.model)
+    gains = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
+    for flag in (False, True):
+        decayed, kept = param_groups(model, 0.1, decay_norm_gains=flag)
+        ids, kept_ids = {id(p) for p in decayed["params"]}, {id(p) for p in kept["params"]}
+        assert ids.isdisjoint(kept_ids) and ids | kept_ids == {id(p) for p in model.parameters()}
+        assert (gains <= ids) if flag else gains.isdisjoint(ids)
+        assert all(p.dim() >= 2 or id(p) in gains for p in decayed["params"])  # biases are never decayed
+    # one AdamW step with zero gradients: only the decay moves a weight, by lr * weight_decay
+    for flag, expected in ((True, 1 - 0.1 * 0.5), (False, 1.0)):
+        model = GPT(base.model)
+        opt = build_optimizer(model, _cfg(base, **{"recipe.decay_norm_gains": flag, "recipe.weight_decay": 0.5,
+                                                   "recipe.lr": 0.1}).recipe)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        assert torch.allclose(model.ln_f.weight, torch.full_like(model.ln_f.weight, expected))
+        assert torch.equal(model.ln_f.bias, torch.zeros_like(model.ln_f.bias))
