@@ -154,3 +154,19 @@ def test_bench_quick_through_ray_tune(capfd):
     assert s["no-stopping"]["compute_fraction"] == 1.0 and s["no-stopping"]["completed_recipes"] == 11
     assert s["dominance"]["compute_fraction"] < 1.0
     assert out["timing"]["errors"] == 0
+
+
+def test_nsga2_study_is_told_what_each_arm_says_about_stopped_trials():
+    from rayq.search import simulate_optuna as so
+
+    done = so.run_study("complete-infeasible", 3, trials=12, population=4)
+    early = 12 - done["finished_trials"]
+    assert early > 0  # the rule stops some recipes, or there is nothing to compare
+    assert done["told"] == {"COMPLETE": 12, "PRUNED": 0} and done["infeasible"] == early
+    assert done["generation"] >= 1  # stopped trials count toward a generation too
+    pruned = so.run_study("pruned-resized", 3, trials=12, population=4)
+    assert pruned["told"] == {"COMPLETE": pruned["finished_trials"], "PRUNED": 12 - pruned["finished_trials"]}
+    assert pruned["infeasible"] == 0
+    assert 0 < pruned["compute_fraction"] <= 1 and 0 <= pruned["hv_regret"] <= 1
+    assert so.population_for("complete-infeasible", 4, 0.44) == 8
+    assert so.population_for("pruned-resized", 4, 0.44) == 4 and so.population_for("pruned-resized", 1, 0.1) == 2
