@@ -27,6 +27,7 @@ from ray.tune.schedulers import TrialScheduler
 __all__ = ["SyncRungs"]
 
 PAUSE = TrialScheduler.PAUSE
+CONTINUE = TrialScheduler.CONTINUE
 STOP = TrialScheduler.STOP
 
 
@@ -46,9 +47,13 @@ class SyncRungs:
 
     def _sync_hold(self, tune_controller: Any, trial: Any, tid: str, step: int) -> Optional[str]:
         """PAUSE a trial arriving at an unjudged milestone; judge the rung when it is complete.
-        None: nothing to hold (not a milestone, or already judged here): decide as usual."""
-        if not self.sync_rungs or step not in self.milestones or tid in self._released.get(step, ()):
+        None: not a milestone, decide as usual."""
+        if not self.sync_rungs or step not in self.milestones:
             return None
+        if tid in self._released.get(step, ()):
+            # a resumed trial re-reports the milestone it was judged at (Tune restarts a paused
+            # function trainable from its last checkpoint, or from the start): judged already
+            return CONTINUE
         self._held.setdefault(step, {})[tid] = trial
         if not self._rung_complete(step, tune_controller):
             return PAUSE

@@ -372,6 +372,9 @@ def test_sync_rungs_hold_the_milestone_and_judge_the_grid_together():
     assert s.is_stopped("a") and s.stopped_trials()["a"].kind == "dominated"
     assert {s.choose_trial_to_run(ctl).trial_id} <= {"b", "c"}  # released
     b.status = c.status = "RUNNING"
+    n = len(s.decisions)
+    assert arrive(s, ctl, b, R(100, 0.60, 0.10)) == "CONTINUE"  # resumed from the start: judged already
+    assert len(s.decisions) == n
     # after the milestone, evaluations are judged as usual (no second hold at a non-milestone)
     assert arrive(s, ctl, b, R(200, 0.61, 0.10)) == "CONTINUE"
 
