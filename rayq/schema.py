@@ -393,6 +393,12 @@ class SearchConfig:
     units: the noise the dominance rule judges against when a recipe has one seed
     (seeds_per_recipe >= 2 measures it instead, pooled over recipes at each evaluation)."""
 
+    sync_rungs: bool = False
+    """dominance only: hold (Tune PAUSE) every trial at each milestone until all the search's
+    trials have arrived there or ended, then judge them together, so arrival order does not decide
+    who passes (meant for fixed grids; a held trial frees its slot, so waiting costs wall-clock
+    time, not compute). Measured offline on the paper grid: see search/benchmarks/sync-rungs-*.json."""
+
     milestones: list[int] = field(default_factory=lambda: [15000])
     """Steps where recipes are compared (dominance: the first is the grace period; moasha: rungs);
     each a multiple of train.eval_every."""
@@ -413,6 +419,8 @@ class SearchConfig:
         _check(self.num_samples >= 1, f"num_samples: expected >= 1, got {self.num_samples}")
         _check(self.seeds_per_recipe >= 1, f"seeds_per_recipe: expected >= 1, got {self.seeds_per_recipe}")
         _check(self.eta > 1, f"eta: expected > 1, got {self.eta}")
+        _check(not self.sync_rungs or self.rule == "dominance",
+               f"sync_rungs: expected rule dominance, got rule {self.rule} (moasha judges asynchronously)")
         _check(0.5 <= self.stop_confidence < 1, f"stop_confidence: expected in [0.5, 1), got {self.stop_confidence}")
         _check(all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
                    for v in self.noise_prior.values()),

@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="one seed, four strategies, no curves: a smoke run")
     p.add_argument("--offline", action="store_true", help="no Ray: the lockstep loop with the real scheduler classes")
     p.add_argument("--strategies", default=None, help="comma list (default: all) of "
-                   "dominance,dominance-pilot,moasha,weighted-asha,no-stopping")
+                   "dominance,dominance-pilot,dominance-sync,moasha,weighted-asha,no-stopping")
     p.add_argument("--p", type=float, default=DEFAULT_P, help="stop confidence of the dominance rule's default point")
     p.add_argument("--eta", type=float, default=3.0, help="eta of the ASHA family's default point")
     p.add_argument("--noise", type=float, default=1.0, help="scale of all simulated noise")
@@ -121,7 +121,7 @@ def _defaults(families: Sequence[str], p: float, eta: float, weights: Sequence[f
     weights = weights or WEIGHTS
     out = []
     for f in families:
-        if f in ("dominance", "dominance-pilot"):
+        if f in ("dominance", "dominance-pilot", "dominance-sync"):
             out.append(Strategy(f, p))
         elif f == "moasha":
             out.append(Strategy(f, eta))
@@ -159,7 +159,7 @@ def run_offline_bench(families: Sequence[str], seeds: Sequence[int], *, p: float
         out["curves"][s.name] = [
             {"dial": d, **(out["strategies"][s.name] if d == s.dial else one(offline.Strategy(s.family, d, s.weight)))}
             for d in dials]
-    sweep = [s for s in points if s.family in ("dominance", "dominance-pilot", "moasha", "no-stopping")
+    sweep = [s for s in points if s.family in ("dominance", "dominance-pilot", "dominance-sync", "moasha", "no-stopping")
              or (s.family == "weighted-asha" and s.weight == 1.0)]
     for scale in NOISE_SCALES:
         out["noise_sweep"][f"{scale:g}"] = {

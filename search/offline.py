@@ -19,6 +19,9 @@ Strategies (`STRATEGIES`; each has one dial, swept by the benchmark):
   the first `PILOT_RECIPES` recipes of the grid get `PILOT_SEEDS` extra seeds (trials sharing
   their `recipe_id`) that run to the first milestone (5000) only; later steps carry that σ
   forward (Student-t with the pilot's degrees of freedom). Its compute is counted.
+- `dominance-sync`: `dominance` (prior σ) with synchronous rungs (`search.sync_rungs`): every
+  recipe is held (PAUSE) at the first milestone until the whole grid has arrived, then all are
+  judged together; a held trial frees its slot, so later recipes start meanwhile.
 - `moasha`: `rule: moasha` at the ASHA ladder 5000/15000/45000 (dial η).
 - `weighted-asha@w`: Ray's `ASHAScheduler` on acc + w·degradation_pct, grace 5000 (dial η),
   reported at several w: a single fixed weight is answer-aware (w = 1 makes the knee the optimum).
@@ -37,10 +40,11 @@ from rayq.search import simulate as sim
 
 __all__ = ["Strategy", "STRATEGIES", "DIALS", "make_scheduler", "run_offline", "PILOT_RECIPES", "PILOT_SEEDS"]
 
-STRATEGIES = ("dominance", "dominance-pilot", "moasha", "weighted-asha", "no-stopping")
+STRATEGIES = ("dominance", "dominance-pilot", "dominance-sync", "moasha", "weighted-asha", "no-stopping")
 DIALS = {  # the dial each strategy is swept over in the benchmark's curves
     "dominance": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95),
     "dominance-pilot": (0.7, 0.8, 0.9, 0.95, 0.975),
+    "dominance-sync": (0.5, 0.7, 0.8, 0.85, 0.9, 0.95),
     "moasha": (2.0, 3.0, 4.0, 6.0),
     "weighted-asha": (2.0, 3.0, 4.0, 6.0),
     "no-stopping": (None,),
@@ -79,11 +83,12 @@ def make_scheduler(strategy: Strategy) -> Any:
     from rayq.search.scheduler import MilestoneScheduler
 
     f = strategy.family
-    if f in ("dominance", "dominance-pilot"):
+    if f in ("dominance", "dominance-pilot", "dominance-sync"):
+        sync = {"sync_rungs": True, "expected_trials": len(sim.paper_recipes())} if f == "dominance-sync" else {}
         return MilestoneScheduler(sim.OBJECTIVES, [FIRST_MILESTONE], rule="dominance",
                                   stop_confidence=strategy.dial, eval_every=sim.REPORT_EVERY,
-                                  max_t=sim.TOTAL_STEPS, noise_prior=sim.seed_sd() if f == "dominance" else None,
-                                  verbose=False)
+                                  max_t=sim.TOTAL_STEPS, noise_prior=None if f == "dominance-pilot" else sim.seed_sd(),
+                                  verbose=False, **sync)
     if f == "moasha":
         return MilestoneScheduler(sim.OBJECTIVES, MOASHA_MILESTONES, strategy.dial, rule="moasha", verbose=False)
     if f == "weighted-asha":
@@ -110,38 +115,65 @@ def run_offline(strategy: Strategy, sim_seed: int, *, max_concurrent: int = 8, n
         return iter([{**x, "weighted": x[sim.ACC] + weight * x[sim.DEG]} for x in reps
                      if upto is None or x["step"] <= upto])
 
+    def trial(name):
+        return SimpleNamespace(trial_id=name, config={}, status="PENDING")
+
     pending = []  # (trial, report iterator, recipe id, is the recipe's main trial)
     for k, r in enumerate(order):
-        pending.append((SimpleNamespace(trial_id=f"{sim_seed}_{k}", config={}), reports(r, sim._seed(sim_seed, k)),
-                        r.recipe_id, True))
+        pending.append((trial(f"{sim_seed}_{k}"), reports(r, sim._seed(sim_seed, k)), r.recipe_id, True))
         if strategy.pilot and k < PILOT_RECIPES:
             for e in range(PILOT_SEEDS):
-                pending.append((SimpleNamespace(trial_id=f"{sim_seed}_{k}_pilot{e}", config={}),
+                pending.append((trial(f"{sim_seed}_{k}_pilot{e}"),
                                 reports(r, sim._seed(sim_seed, k, "pilot", e), FIRST_MILESTONE), r.recipe_id, False))
     running: list = []
+    paused: dict = {}  # trial id -> its running entry, held by a synchronous rung (PAUSE)
     finals: list = []
     stopped: set = set()
     spent = 0
-    while pending or running:
+    lasts: dict = {}  # trial id -> its last report (shared with its running entry)
+    # the loop is Tune's controller here: what a scheduler may ask of one (HyperBand's calls)
+    controller = SimpleNamespace(
+        get_trials=lambda: [e[0] for e in running] + [e[0] for e in paused.values()] + [e[0] for e in pending],
+        stop_trial=lambda t: lasts[t.trial_id].update(done=True))
+    while pending or running or paused:
         while pending and len(running) < max_concurrent:
-            trial, it, rid, main = pending.pop(0)
-            scheduler.on_trial_add(None, trial)
-            running.append((trial, it, rid, main, {}))
+            entry = pending.pop(0)
+            entry[0].status = "RUNNING"
+            scheduler.on_trial_add(controller, entry[0])
+            running.append((*entry, lasts.setdefault(entry[0].trial_id, {})))
+        while paused and len(running) < max_concurrent:
+            t = scheduler.choose_trial_to_run(controller)
+            if t is None or t.trial_id not in paused:
+                break
+            t.status = "RUNNING"
+            running.append(paused.pop(t.trial_id))
+        for tid in [t for t, e in paused.items() if e[4].get("done")]:  # stopped while held
+            running.append(paused.pop(tid))
+        if not running and paused:
+            raise RuntimeError(f"{strategy.label}: every trial is held at a rung that is never judged")
         for idx in rng.permutation(len(running)).tolist():
             trial, it, rid, main, last = running[idx]
+            if last.get("done"):
+                continue
             rep = next(it, None)
             if rep is None:
                 last["done"] = True
                 continue
             rep = {**rep, "recipe_id": rid}
             last.update(rep)
-            if scheduler.on_trial_result(None, trial, rep) == "STOP":
+            action = scheduler.on_trial_result(controller, trial, rep)
+            if action == "PAUSE":
+                trial.status = "PAUSED"
+                last["paused"] = True
+            elif action == "STOP":
                 last["done"] = True
-                if main and int(rep["step"]) < sim.TOTAL_STEPS:
-                    stopped.add(rid)
         still = []
         for trial, it, rid, main, last in running:
-            if last.get("done"):
+            if last.pop("paused", False) and not last.get("done"):
+                paused[trial.trial_id] = (trial, it, rid, main, last)
+            elif last.get("done"):
+                if main and int(last["step"]) < sim.TOTAL_STEPS and scheduler_stopped(scheduler, trial):
+                    stopped.add(rid)
                 scheduler.on_trial_complete(None, trial, last)
                 spent += int(last.get("step", 0))
                 if main:
@@ -150,3 +182,8 @@ def run_offline(strategy: Strategy, sim_seed: int, *, max_concurrent: int = 8, n
                 still.append((trial, it, rid, main, last))
         running = still
     return sim.score_search(sim_seed, strategy.label, finals, stopped, spent=spent)
+
+
+def scheduler_stopped(scheduler: Any, trial: Any) -> bool:
+    """A trial that ended before its last report was stopped (by a STOP, or while held)."""
+    return True if not hasattr(scheduler, "is_stopped") else scheduler.is_stopped(trial.trial_id)

@@ -23,6 +23,8 @@ result, in this order:
    re-checked at each of its results, so a recipe that arrives late at a step can stop one that
    passed it earlier (asynchronous with revisiting), and early arrivals do not pass for free.
    Seed counts may differ between recipes: each side's standard error is σ/√n.
+   With `sync_rungs` (`sync_rungs.py`) every trial is held (PAUSE) at each milestone until the
+   search's trials have all arrived or ended, then the rung is judged together.
 
    `moasha` (Schmucker et al. 2021, kept for comparison): the first result with `step >= m`
    records the trial's objectives in rung `m`; the recipes recorded at `m` so far are ranked by
@@ -66,6 +68,7 @@ from rayq.search.objectives import Constraint, Objective, parse_constraints
 from rayq.search.objectives import as_float as _f
 from rayq.search.pareto import TIE_BREAKS, _objectives, nondominated_ranks, priority_order
 from rayq.search.stopping import Replicate, mean_interval, noise_for, pooled_sd, prob_dominates, summarise
+from rayq.search.sync_rungs import SyncRungs
 
 __all__ = ["MilestoneScheduler", "Decision", "RULES", "state_dir"]
 
@@ -112,7 +115,7 @@ def _step(v: Any, default: int) -> int:
     return int(x) if math.isfinite(x) else int(default)
 
 
-class MilestoneScheduler(FIFOScheduler):
+class MilestoneScheduler(SyncRungs, FIFOScheduler):
     """Multi-objective early stopping at the trial's `time_attr` (see the module docstring)."""
 
     def __init__(
@@ -137,8 +140,13 @@ class MilestoneScheduler(FIFOScheduler):
         stop_recipe_on_divergence: bool = True,
         state_path: Optional[str] = None,
         verbose: bool = True,
+        sync_rungs: bool = False,
+        expected_trials: Optional[int] = None,
     ):
         super().__init__()
+        if sync_rungs and rule != "dominance":
+            raise ValueError("sync_rungs: only with rule dominance (moasha's quota is asynchronous by design)")
+        self._init_sync(sync_rungs, expected_trials)
         self.objectives: list[Objective] = _objectives(list(objectives))
         self.milestones: list[int] = sorted({int(m) for m in milestones})
         if not self.milestones or self.milestones[0] <= 0:
@@ -228,7 +236,8 @@ class MilestoneScheduler(FIFOScheduler):
                                   f"hard limit {c} violated beyond doubt ({why})")
 
         if self.rule == "dominance":
-            return self._dominance(tid, rid, step)
+            held = self._sync_hold(tune_controller, trial, tid, step)
+            return held if held is not None else self._dominance(tid, rid, step)
         for m in self.milestones:
             if step < m:
                 break
@@ -492,6 +501,8 @@ class MilestoneScheduler(FIFOScheduler):
             "last_step": self._last_step,
             "finished": self._finished,
             "decisions": [asdict(d) for d in self.decisions],
+            "sync_rungs": self.sync_rungs,
+            "sync": self._sync_state(),
         }
 
     def _settings(self) -> dict[str, Any]:
@@ -508,6 +519,9 @@ class MilestoneScheduler(FIFOScheduler):
             if state.get(key) != mine:
                 raise ValueError(f"scheduler state: saved with {key}={state.get(key)!r}, "
                                  f"this search has {key}={mine!r}")
+        if bool(state.get("sync_rungs", False)) != self.sync_rungs:  # absent in states of older rayq
+            raise ValueError(f"scheduler state: saved with sync_rungs={bool(state.get('sync_rungs', False))}, "
+                             f"this search has sync_rungs={self.sync_rungs}")
         self._rungs = {m: {} for m in self.milestones}
         for m, rs in state["rungs"].items():
             self._rungs.setdefault(int(m), {}).update(
@@ -522,6 +536,7 @@ class MilestoneScheduler(FIFOScheduler):
         self._last_step = {t: int(s) for t, s in state["last_step"].items()}
         self._finished = {t: int(s) for t, s in state["finished"].items()}
         self.decisions = [Decision(**d) for d in state["decisions"]]
+        self._load_sync_state(state.get("sync", {}))
 
     def resolved_state_path(self) -> Optional[str]:
         """`state_path`, a relative one resolved against the search directory (see `state_dir`)."""

@@ -94,3 +94,11 @@ def test_search_config_fields():
         SearchConfig(stop_confidence=1.0)
     with pytest.raises(ValueError, match="noise_prior"):
         SearchConfig(noise_prior={ACC: -1})
+
+
+def test_sync_rungs_reach_the_scheduler_and_need_rule_dominance():
+    s = make_scheduler(cfg(milestones=[30], noise_prior={ACC: 0.1, KL: 0.01}, sync_rungs=True), OBJ, [], 6)
+    assert s.sync_rungs and s.expected_trials == 6
+    assert make_scheduler(cfg(milestones=[30]), OBJ, [], 6).expected_trials is None  # async: no count needed
+    with pytest.raises(ValueError, match="sync_rungs: expected rule dominance, got rule moasha"):
+        SearchConfig(objectives=[f"{ACC}:max"], rule="moasha", sync_rungs=True)

@@ -323,3 +323,85 @@ def test_an_errored_trial_is_never_a_front_candidate(tmp_path):
 def test_tune_never_needs_save_or_restore():
     """Ray 2.60 never calls TrialScheduler.save/restore: the state file is the one mechanism."""
     assert "save" not in MilestoneScheduler.__dict__ and "restore" not in MilestoneScheduler.__dict__
+
+
+# ---------------------------------------------------------------------- synchronous rungs
+
+
+class Controller:
+    """What the scheduler asks of Tune's controller (ray 2.60: get_trials, stop_trial)."""
+
+    def __init__(self, trials):
+        self.trials, self.stopped = trials, []
+
+    def get_trials(self):
+        return self.trials
+
+    def stop_trial(self, trial):
+        self.stopped.append(trial.trial_id)
+        trial.status = "TERMINATED"
+
+
+def sync_sched(**kw):
+    return MilestoneScheduler(OBJ, [100], rule="dominance", eval_every=100, noise_prior={ACC: 0.01, KL: 0.01},
+                              sync_rungs=True, verbose=False, **kw)
+
+
+def arrive(s, ctl, trial, result):
+    action = s.on_trial_result(ctl, trial, result)
+    trial.status = {"PAUSE": "PAUSED", "STOP": "TERMINATED"}.get(action, "RUNNING")
+    return action
+
+
+def test_sync_rungs_hold_the_milestone_and_judge_the_grid_together():
+    a, b, c = (SimpleNamespace(trial_id=t, config={}, status="RUNNING") for t in "abc")
+    d = SimpleNamespace(trial_id="d", config={}, status="PENDING")
+    ctl = Controller([a, b, c, d])
+    s = sync_sched(expected_trials=4)
+    for t in (a, b, c, d):
+        s.on_trial_add(ctl, t)
+    # a is far behind everyone: async judging would let it pass (it arrives first)
+    assert arrive(s, ctl, a, R(100, 0.30, 0.30)) == "PAUSE"
+    assert arrive(s, ctl, b, R(100, 0.60, 0.10)) == "PAUSE"
+    assert s.choose_trial_to_run(ctl) is d  # pending trials start while the rung is held
+    d.status = "RUNNING"
+    assert arrive(s, ctl, c, R(100, 0.62, 0.09)) == "PAUSE"
+    assert s.choose_trial_to_run(ctl) is None  # nobody held is resumed before the rung is judged
+    assert arrive(s, ctl, d, R(100, 0.20, 0.40)) == "STOP"  # the last arrival: judged with the rest
+    assert ctl.stopped == ["a"]  # a held dominated trial is stopped through the controller
+    assert s.is_stopped("a") and s.stopped_trials()["a"].kind == "dominated"
+    assert {s.choose_trial_to_run(ctl).trial_id} <= {"b", "c"}  # released
+    b.status = c.status = "RUNNING"
+    n = len(s.decisions)
+    assert arrive(s, ctl, b, R(100, 0.60, 0.10)) == "CONTINUE"  # resumed from the start: judged already
+    assert len(s.decisions) == n
+    # after the milestone, evaluations are judged as usual (no second hold at a non-milestone)
+    assert arrive(s, ctl, b, R(200, 0.61, 0.10)) == "CONTINUE"
+
+
+def test_sync_rungs_without_a_count_judge_when_nothing_else_can_arrive():
+    a, b = (SimpleNamespace(trial_id=t, config={}, status="RUNNING") for t in "ab")
+    ctl = Controller([a, b])
+    s = sync_sched()
+    for t in (a, b):
+        s.on_trial_add(ctl, t)
+    assert arrive(s, ctl, a, R(100, 0.60, 0.10)) == "PAUSE"
+    assert arrive(s, ctl, b, R(100, 0.61, 0.11)) == "CONTINUE"  # a trade-off: both live
+    assert ctl.stopped == [] and s.choose_trial_to_run(ctl) is a
+
+
+def test_sync_rungs_settings_are_checked():
+    with pytest.raises(ValueError, match="sync_rungs: only with rule dominance"):
+        MilestoneScheduler(OBJ, [100], rule="moasha", sync_rungs=True, verbose=False)
+    with pytest.raises(ValueError, match="expected_trials"):
+        sync_sched(expected_trials=0)
+
+
+def test_a_state_saved_without_sync_rungs_is_refused_by_a_sync_search(tmp_path):
+    path = str(tmp_path / "state.json")
+    s = MilestoneScheduler(OBJ, [100], rule="dominance", eval_every=100, state_path=path, verbose=False)
+    feed(s, [(T("a"), R(100))])
+    with pytest.raises(ValueError, match="sync_rungs=False, this search has sync_rungs=True"):
+        sync_sched(state_path=path)
+    assert MilestoneScheduler(OBJ, [100], rule="dominance", eval_every=100, state_path=path,
+                              verbose=False).recipe_of("a") == "a"

@@ -154,3 +154,32 @@ def test_bench_quick_through_ray_tune(capfd):
     assert s["no-stopping"]["compute_fraction"] == 1.0 and s["no-stopping"]["completed_recipes"] == 11
     assert s["dominance"]["compute_fraction"] < 1.0
     assert out["timing"]["errors"] == 0
+
+
+def test_nsga2_study_is_told_what_each_arm_says_about_stopped_trials():
+    from rayq.search import simulate_optuna as so
+
+    done = so.run_study("complete-infeasible", 3, trials=12, population=4)
+    early = 12 - done["finished_trials"]
+    assert early > 0  # the rule stops some recipes, or there is nothing to compare
+    assert done["told"] == {"COMPLETE": 12, "PRUNED": 0} and done["infeasible"] == early
+    assert done["generation"] >= 1  # stopped trials count toward a generation too
+    pruned = so.run_study("pruned-resized", 3, trials=12, population=4)
+    assert pruned["told"] == {"COMPLETE": pruned["finished_trials"], "PRUNED": 12 - pruned["finished_trials"]}
+    assert pruned["infeasible"] == 0
+    assert 0 < pruned["compute_fraction"] <= 1 and 0 <= pruned["hv_regret"] <= 1
+    assert so.population_for("complete-infeasible", 4, 0.44) == 8
+    assert so.population_for("pruned-resized", 4, 0.44) == 4 and so.population_for("pruned-resized", 1, 0.1) == 2
+
+
+def test_offline_loop_with_synchronous_rungs():
+    from rayq.search import offline
+
+    strategy = offline.Strategy("dominance-sync", 0.9)
+    s = offline.make_scheduler(strategy)
+    out = offline.run_offline(strategy, 5, scheduler=s)
+    # every recipe was held at the first milestone and judged there together
+    assert len(s._released[offline.FIRST_MILESTONE]) == 11 and not s._held
+    at_first = [d for d in s.decisions if d.step == offline.FIRST_MILESTONE]
+    assert len(at_first) == 11  # one decision per recipe: CONTINUE (milestone) or STOP (dominated)
+    assert 0 < out.fraction < 1 and len(out.completed) + len(s.stopped_recipes()) == 11
