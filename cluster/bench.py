@@ -64,7 +64,8 @@ def cpu_info() -> dict:
 # ============================================================================ CPU time per process
 
 
-def _parents() -> dict[int, int]:
+def process_parents() -> dict[int, int]:
+    """pid -> parent pid of every process in /proc (one that exits meanwhile is skipped)."""
     out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -128,7 +129,7 @@ class CpuSampler:
         """This process's descendants (driver, raylet, gcs, agents) and the workers of a raylet
         among them; a process is classified once, its name re-read (workers rename themselves
         from ray::IDLE to their actor's name)."""
-        parents = _parents()
+        parents = process_parents()
         mine = {os.getpid()} | (self._mine & parents.keys())
         grew = True
         while grew:  # descendants, whatever the order of their pids
