@@ -36,35 +36,11 @@ from typing import Any, Callable, Optional
 Say = Callable[[str], None]
 
 
-# ============================================================================ what machine this is
-
-
-# /proc/cpuinfo flags that decide which kernels are fast (bf16, int8, AMX, VNNI)
-_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
-              "amx_bf16", "amx_int8", "amx_tile", "avx512_fp16")
-
-
-def cpu_info() -> dict:
-    """CPU model, the flags that matter for the kernels, online CPUs and load (Linux /proc)."""
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "unknown":
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return {"cpu_model": model, "cpu_flags": [f for f in _CPU_FLAGS if f in flags], "cpus": os.cpu_count(),
-            "loadavg": list(os.getloadavg())}
-
-
 # ============================================================================ CPU time per process
 
 
-def _parents() -> dict[int, int]:
+def process_parents() -> dict[int, int]:
+    """pid -> parent pid of every process in /proc (one that exits meanwhile is skipped)."""
     out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -128,7 +104,7 @@ class CpuSampler:
         """This process's descendants (driver, raylet, gcs, agents) and the workers of a raylet
         among them; a process is classified once, its name re-read (workers rename themselves
         from ray::IDLE to their actor's name)."""
-        parents = _parents()
+        parents = process_parents()
         mine = {os.getpid()} | (self._mine & parents.keys())
         grew = True
         while grew:  # descendants, whatever the order of their pids
@@ -394,6 +370,7 @@ def main(argv: list[str]) -> int:
     from rayq.allocator import describe, keep_pages
     from rayq.cluster.bench_precision import precision_report
     from rayq.errors import UserError
+    from rayq.kernels import machine
 
     if args.steps < 4:
         raise UserError(f"--steps={args.steps}: expected >= 4 (the first report is warm-up)")
@@ -419,7 +396,7 @@ def main(argv: list[str]) -> int:
     data = data_io.prepare(cfg.data, cfg.model.vocab_size, progress=say)
     tokens = cfg.recipe.batch_size * cfg.model.seq_len
     out: dict = {"preset": args.preset, "device": args.device, "steps": steps, "threads": threads,
-                 **cpu_info(), **describe(), "torch": torch.__version__, "tokens_per_step": tokens}
+                 "machine": machine.describe(), **describe(), "tokens_per_step": tokens}
     if gpu:
         out["gpu"] = torch.cuda.get_device_name(0)
     say(f"bare PyTorch loop (fp32, {args.device})")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ def main(argv: Sequence[str]) -> int:
     from rayq.eval.evaluate import check_schemes, default_quantizer
     from rayq.eval.scoring import score_tokens
     from rayq.kernels import backends as kernel_backends
+    from rayq.kernels import machine
     from rayq.model import GPT, count_parameters
 
     parser = make_parser("rayq bench eval", "evaluation throughput: FP32 vs a quantization scheme (JSON on stdout)")
@@ -121,7 +121,7 @@ def main(argv: Sequence[str]) -> int:
         "target_ge_bf16": {k: med[k] >= med["bf16"] for k in models if k not in ("fp32", "bf16")},
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "machine": platform.machine(),
+        "machine": machine.describe(),
         "cpu": kernel_backends.describe(probe=False),
         "allocator": alloc,
         "load_average": list(os.getloadavg()),  # a shared machine slows everything: read the figures with it
@@ -152,6 +152,7 @@ def diagnostics_cost(argv: Sequence[str]) -> int:
     from rayq.eval.diagnostics import analyze
     from rayq.eval.evaluate import evaluate
     from rayq.eval.outliers import OutlierCollector
+    from rayq.kernels import machine
     from rayq.model import GPT, count_parameters
     from rayq.schema import EvalConfig
 
@@ -227,7 +228,7 @@ def diagnostics_cost(argv: Sequence[str]) -> int:
                     for k in variants},
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "machine": platform.machine(),
+        "machine": machine.describe(),
         "load_average": list(os.getloadavg()),
     }
     if args.json:

@@ -27,7 +27,6 @@ Paths (device: name):
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import gemm, machine
+from .timing import race
 
 Tensor = torch.Tensor
 
@@ -189,16 +189,8 @@ def probe_cpu(cls: str, rounds: int = PROBE_ROUNDS) -> dict[str, Any]:
             excluded[b.name] = why
             continue
         runners[b.name] = _linear_runner(CPU_FORMS[b.name], M, K, N)
-    times: dict[str, list[float]] = {k: [] for k in runners}
     with torch.no_grad():
-        for f in runners.values():
-            f()  # first-call allocation and oneDNN primitive creation
-        for _ in range(rounds):
-            for name, f in runners.items():
-                t0 = time.perf_counter()
-                f()
-                times[name].append(time.perf_counter() - t0)
-    med = {k: round(statistics.median(v) * 1e3, 4) for k, v in times.items()}
+        med = race(runners, rounds, digits=4)
     excluded.update(reference_kernels(med))
     usable = {k: v for k, v in med.items() if k not in excluded}
     best = min(usable, key=usable.get) if usable else "int_mm_s8s8"

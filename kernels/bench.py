@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import torch.nn as nn
 from . import allocator, backends, gemm, machine
 from .quantize import quantize_
 from .schemes import W8A8Vectorwise
+from .timing import race
 
 FULL_SHAPES = ((256, 4096, 4096), (2048, 4096, 4096))
 QUICK_SHAPES = ((16, 256, 256), (64, 512, 256))
@@ -40,20 +40,6 @@ LEGS = ("tuned", "system")
 
 def _log(msg: str) -> None:
     print(f"[bench int8] {msg}", file=sys.stderr, flush=True)
-
-
-def race(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median ms per candidate over `rounds`, the candidates interleaved round-robin."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
 
 
 def _timed_first_call(f: Callable[[], object]) -> float:

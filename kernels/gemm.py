@@ -223,6 +223,27 @@ def unpack_int4(packed: Tensor, K: int) -> Tensor:
 # --------------------------------------------------------------------------- W8A8 linear
 
 
+def _activation_codes(x: Tensor, in_scale: Optional[Tensor], act_absmax: Optional[Tensor],
+                      per_tensor_act: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The W8A8 activation quantizer both CPU paths share: (x after the smoothing `in_scale`,
+    its codes in [-127, 127] as a rounded fp32 tensor the caller may modify in place, the absmax
+    behind them: static per layer, per tensor, or per row). Plain tensor code, so torch.compile
+    inlines it into `w8a8_core`'s fused quantize pass."""
+    if in_scale is not None:
+        x = x * in_scale
+    if act_absmax is not None:
+        absmax = act_absmax.reshape(1, 1)
+    elif per_tensor_act:
+        absmax = torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32).clamp_min(EPS_ABSMAX).reshape(1, 1)
+    else:
+        absmax = absmax_rows(x)
+    t = x * (QMAX8 / absmax)
+    t.round_()
+    if act_absmax is not None:  # a static scale can be exceeded; a dynamic one cannot (|t| <= 127)
+        t.clamp_(-QMAX8, QMAX8)
+    return x, t, absmax
+
+
 def w8a8_core(
     x: Tensor,
     qweight: Tensor,
@@ -245,18 +266,7 @@ def w8a8_core(
     (+ compensation + bias) into one epilogue pass; eagerly, the in-place ops below save the
     allocations (and page faults) of three [M, N] temporaries.
     """
-    if in_scale is not None:
-        x = x * in_scale
-    if act_absmax is not None:
-        absmax = act_absmax.reshape(1, 1)
-    elif per_tensor_act:
-        absmax = torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32).clamp_min(EPS_ABSMAX).reshape(1, 1)
-    else:
-        absmax = absmax_rows(x)
-    t = x * (QMAX8 / absmax)
-    t.round_()
-    if act_absmax is not None:  # a static scale can be exceeded; a dynamic one cannot (|t| <= 127)
-        t.clamp_(-QMAX8, QMAX8)
+    x, t, absmax = _activation_codes(x, in_scale, act_absmax, per_tensor_act)
     xq = t.to(torch.int8)
     if comp is not None:
         acc = torch._int_mm(xq.view(torch.uint8) ^ 128, qweight.t()).sub_(comp)
@@ -296,18 +306,7 @@ def w8a8_onednn(
     (u8 = s8 + 128, the zero point corrected inside oneDNN), the weight scale fused into the GEMM
     output, then the per-token scale and the bias in place. `w_scale` must have one entry per
     output channel. Returns (out fp32 [M, N], the absmax to check for NaN/inf)."""
-    if in_scale is not None:
-        x = x * in_scale
-    if act_absmax is not None:
-        absmax = act_absmax.reshape(1, 1)
-    elif per_tensor_act:
-        absmax = torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32).clamp_min(EPS_ABSMAX).reshape(1, 1)
-    else:
-        absmax = absmax_rows(x)
-    t = x * (QMAX8 / absmax)
-    t.round_()
-    if act_absmax is not None:
-        t.clamp_(-QMAX8, QMAX8)
+    x, t, absmax = _activation_codes(x, in_scale, act_absmax, per_tensor_act)
     t.add_(128)  # codes in [1, 255]: exact in fp32 and in uint8
     out = onednn_qlinear(t.to(torch.uint8), packed, w_scale)
     out.mul_(absmax / QMAX8)

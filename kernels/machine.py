@@ -24,7 +24,7 @@ import torch
 
 CACHE_FORMAT = "rayq.kernels.probe/1"
 # the flags that decide which integer / bf16 kernels oneDNN can use
-_KERNEL_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "avx512_fp16")
+_KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "avx512_fp16")
 _lock = threading.Lock()
 
 
@@ -117,5 +117,7 @@ def store(name: str, entry: dict[str, Any]) -> None:
 
 
 def describe() -> dict[str, Any]:
-    """What every bench JSON records about the machine."""
-    return {**cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(), "probe_cache": str(cache_path())}
+    """What every bench JSON records about the machine (the one place that reads the CPU for
+    benchmarks), with the load average at the call: a shared machine slows every figure."""
+    return {**cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(), "probe_cache": str(cache_path()),
+            "load_average": list(os.getloadavg())}

@@ -42,6 +42,7 @@ from .quantize import (
     W8A8Linear,
     quantize_,
     register_handler,
+    run_batch,
     select_layers,
 )
 from .schemes import Scheme, SchemeError, as_scheme, register_scheme
@@ -238,12 +239,7 @@ def calibrate_clips(model: nn.Module, names: list[str], calibration: Iterable[An
             for batch in calibration:
                 if batches >= max_batches:
                     break
-                if isinstance(batch, dict):
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                else:
-                    model(batch)
+                run_batch(model, batch)
                 batches += 1
     finally:
         for h in handles:

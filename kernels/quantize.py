@@ -419,7 +419,9 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _run_batch(model: nn.Module, batch: Any) -> None:
+def run_batch(model: nn.Module, batch: Any) -> None:
+    """One calibration batch through the model: a dict of keyword inputs, a tuple/list of
+    positional ones, or a single tensor."""
     if isinstance(batch, dict):
         model(**batch)
     elif isinstance(batch, (tuple, list)):
@@ -456,7 +458,7 @@ def calibrate(model: nn.Module, names: list[str], calibration: Optional[Iterable
             for batch in calibration:
                 if seen >= max_batches:
                     break
-                _run_batch(model, batch)
+                run_batch(model, batch)
                 seen += 1
     finally:
         for h in handles:

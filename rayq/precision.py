@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -44,6 +42,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from rayq.kernels import machine
+from rayq.kernels.timing import race
 from rayq.schema import RecipeConfig
 
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -181,15 +180,8 @@ def probe_native_bf16(rounds: int = 5) -> dict[str, Any]:
     x = torch.randn(512, 1024, generator=gen)
     w = torch.randn(1024, 1024, generator=gen).requires_grad_()
     fns = {"fp32": _time_linear_step(None, x, w), "bf16": _time_linear_step(torch.bfloat16, x, w)}
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    fp32, bf16 = (statistics.median(times[k]) * 1e3 for k in ("fp32", "bf16"))
+    ms = race(fns, rounds, digits=None)
+    fp32, bf16 = ms["fp32"], ms["bf16"]
     return {"fp32_ms": round(fp32, 4), "bf16_ms": round(bf16, 4), "bf16_speedup": round(fp32 / bf16, 3),
             "native_faster": bf16 < fp32, "threads": torch.get_num_threads()}
 

@@ -10,7 +10,8 @@ import pytest
 
 from rayq import config as config_io
 from rayq.cli import main
-from rayq.cluster.bench import CpuSampler, cpu_info, rates
+from rayq.cluster.bench import CpuSampler, rates
+from rayq.kernels import machine
 
 
 def test_bench_train_quick_prints_json(tiny_setup, tmp_path, capsys):
@@ -19,7 +20,7 @@ def test_bench_train_quick_prints_json(tiny_setup, tmp_path, capsys):
     assert main(["bench", "train", "--quick", "--json", "--config", str(tmp_path / "c.yaml")]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("bare_fp32_tokens_per_s", "rayq_fp32_tokens_per_s", "rayq_bf16_tokens_per_s",
-                "loop_overhead_vs_bare", "bf16_speedup_vs_fp32", "allocator", "cpu_model", "cpu_flags", "loadavg"):
+                "loop_overhead_vs_bare", "bf16_speedup_vs_fp32", "allocator", "machine"):
         assert key in out
     assert out["rayq_fp32_tokens_per_s"] > 0 and out["allocator"] in ("glibc-keep-pages", "jemalloc", "system")
     assert out["device"] == "cpu" and "ray" not in out  # --quick: no Ray rounds
@@ -53,13 +54,10 @@ def test_cpu_sampler_charges_a_busy_child_to_its_name():
     assert any(name.startswith(("python", "driver")) for name in usage)
 
 
-def test_cpu_info_names_the_cpu():
-    info = cpu_info()
-    assert info["cpus"] >= 1 and len(info["loadavg"]) == 3
-    assert isinstance(info["cpu_model"], str) and isinstance(info["cpu_flags"], list)
-
-
-@pytest.mark.ray
+def test_bench_train_records_the_cpu_through_kernels_machine():
+    info = machine.describe()
+    assert info["cores"] >= 1 and len(info["load_average"]) == 3
+    assert isinstance(info["model"], str) and info["model"] and isinstance(info["kernel_flags"], list)
 def test_ray_train_reports_faster_than_the_controller_polls_without_stalling(tiny_setup, tmp_path):
     """Ray's result queue holds one report and the controller drains it every 2 s: a loop
     reporting every step (tiny steps take milliseconds) must not wait on it, and every report

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayq import config as config_io
+from rayq.cluster.bench import process_parents
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -70,20 +71,8 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _ppids() -> dict[int, int]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    out[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
 def _tree(root: int) -> set[int]:
-    ppid = _ppids()
+    ppid = process_parents()
     found, frontier = {root}, [root]
     while frontier:
         parent = frontier.pop()

@@ -1,0 +1,23 @@
+import time
+
+from rayq.kernels.timing import race
+
+
+def test_race_interleaves_candidates_and_reports_median_ms():
+    calls: list[str] = []
+
+    def runner(name: str, seconds: float):
+        def f():
+            calls.append(name)
+            time.sleep(seconds)
+        return f
+
+    ms = race({"fast": runner("fast", 0.001), "slow": runner("slow", 0.02)}, rounds=3, warmup=1)
+    assert calls == ["fast", "slow"] * 4  # one warm-up call each, then round-robin
+    assert set(ms) == {"fast", "slow"} and ms["slow"] > ms["fast"] >= 1.0
+    assert ms["slow"] >= 20.0
+
+
+def test_race_rounds_only_when_asked():
+    assert race({"a": lambda: time.sleep(0.001)}, rounds=1, warmup=0, digits=None)["a"] >= 1.0
+    assert race({"a": lambda: None}, rounds=1, warmup=0, digits=1)["a"] == 0.0
