@@ -158,13 +158,13 @@ def _bare_loop(cfg, data, steps: int, device: str) -> float:
     """tokens/s of a minimal fp32 PyTorch loop on the same model, batches and optimizer."""
     import torch
 
-    from rayq import data as data_io
+    from rayq import batches as batches_io
     from rayq.train import build_model, build_optimizer
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, torch.device(device))
     opt = build_optimizer(model, cfg.recipe)
-    batches = data_io.train_batches(data, cfg.recipe.batch_size, cfg.model.seq_len, seed=cfg.train.seed)
+    batches = batches_io.train_batches(data, cfg.recipe.batch_size, cfg.model.seq_len, seed=cfg.train.seed)
     rates = []
     for i in range(steps):
         t0 = time.perf_counter()

@@ -33,6 +33,7 @@ from rayq import config as config_io
 from rayq import data as data_io
 from rayq import metrics as names
 from rayq import train
+from rayq.batches import TokenStream
 from rayq.cluster import backends, evaluator
 from rayq.errors import UserError
 from rayq.progress import say
@@ -197,7 +198,7 @@ def train_worker(loop_config: dict) -> None:
     reporter.close()  # the last reports reach Ray before the worker's function returns
 
 
-def ray_data_batches(cfg: Config, world_size: int) -> data_io.TokenStream:
+def ray_data_batches(cfg: Config, world_size: int) -> TokenStream:
     """This worker's batches from its Ray Data shard of the train split (`data.loader: ray-data`).
 
     The shard's token rows are read once into memory and windowed by the same `TokenStream` as
@@ -207,7 +208,7 @@ def ray_data_batches(cfg: Config, world_size: int) -> data_io.TokenStream:
     shard = ray.train.get_dataset_shard("train")
     parts = [data_io.tokens_from_arrow(t) for t in shard.iter_batches(batch_format="pyarrow", batch_size=None)]
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    return data_io.TokenStream(tokens, cfg.model.seq_len, cfg.recipe.batch_size // world_size, seed=cfg.train.seed,
+    return TokenStream(tokens, cfg.model.seq_len, cfg.recipe.batch_size // world_size, seed=cfg.train.seed,
                                bos_id=data_io.SPM_BOS_ID if cfg.data.bos else None)
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from rayq import metrics as metric_names
-from rayq.data import with_bos
+from rayq.batches import with_bos
 from rayq.errors import UserError
 from rayq.eval.degradation import Interval, KLStats, kl_agreement, paired_bootstrap, token_batches
 from rayq.eval.diagnostics import Diagnostics, analyze

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from rayq import batches as batches_io
 from rayq import checkpoint as ckpt_io
 from rayq import config as config_io
 from rayq import data as data_io
@@ -288,9 +289,9 @@ def run(cfg: Config, reporter: Reporter, *, data: Optional[data_io.PreparedData]
     if data is None:
         data = data_io.prepare(cfg.data, cfg.model.vocab_size)
     if batches is None:
-        batches = data_io.train_batches(data, batch_size=local_batch, seq_len=cfg.model.seq_len,
+        batches = batches_io.train_batches(data, batch_size=local_batch, seq_len=cfg.model.seq_len,
                                         seed=cfg.train.seed, rank=rank, world_size=world)
-    heldout = data_io.heldout_batches(data, cfg.train.eval_batches, cfg.eval.batch_size, cfg.model.seq_len)
+    heldout = batches_io.heldout_batches(data, cfg.train.eval_batches, cfg.eval.batch_size, cfg.model.seq_len)
 
     step, skipped, consecutive_skips = 0, 0, 0
     resume = reporter.restore()

@@ -185,7 +185,7 @@ def test_int8_quantized_trained_model_on_xla_matches_cpu(runs, xla_device, kerne
     whole model agrees only up to rounding flips: fp32 ops upstream differ by ~1e-7 between XLA
     and eager CPU, which moves a few activations across a rounding boundary of their int8 code,
     so logits are compared against the size of the quantization error itself."""
-    from rayq.data import heldout_batches
+    from rayq.batches import heldout_batches
     from rayq.model import BLOCK_LINEARS, GPT
 
     cfg, data, _, _, xla = runs

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from rayq import batches as batches_io
 from rayq import data as data_io
 from rayq.config import resolve
 from rayq.errors import UserError
@@ -204,7 +205,7 @@ def _take(stream, n):
 
 
 def test_batches_shape_shift_and_seeded_order(prepared):
-    stream = data_io.train_batches(prepared, batch_size=4, seq_len=16, seed=1)
+    stream = batches_io.train_batches(prepared, batch_size=4, seq_len=16, seed=1)
     x, y = next(stream)
     assert x.shape == y.shape == (4, 16) and x.dtype == torch.long
     assert torch.equal(x[:, 1:], y[:, :-1])
@@ -212,34 +213,34 @@ def test_batches_shape_shift_and_seeded_order(prepared):
     for row_x, row_y in zip(x, y):  # every row is a window starting at a multiple of T
         starts = [s for s in range(0, len(tokens) - 16, 16) if torch.equal(tokens[s : s + 16], row_x)]
         assert starts and torch.equal(tokens[starts[0] + 1 : starts[0] + 17], row_y)
-    same = data_io.train_batches(prepared, batch_size=4, seq_len=16, seed=1)
-    other = data_io.train_batches(prepared, batch_size=4, seq_len=16, seed=2)
+    same = batches_io.train_batches(prepared, batch_size=4, seq_len=16, seed=1)
+    other = batches_io.train_batches(prepared, batch_size=4, seq_len=16, seed=2)
     a, b, c = _take(stream, 3), _take(same, 4)[1:], _take(other, 4)[1:]
     assert all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
     assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, c))
 
 
 def test_each_epoch_visits_every_window_once(prepared):
-    stream = data_io.TokenStream(np.arange(8 * 10 + 1, dtype=np.int32), seq_len=8, batch_size=5, seed=3)
+    stream = batches_io.TokenStream(np.arange(8 * 10 + 1, dtype=np.int32), seq_len=8, batch_size=5, seed=3)
     firsts = [int(v) for _ in range(4) for v in next(stream)[0][:, 0]]
     assert sorted(firsts[:10]) == list(range(0, 80, 8)) == sorted(firsts[10:])
     assert firsts[:10] != firsts[10:]  # a new order each epoch
 
 
 def test_resume_continues_with_the_same_batches(prepared):
-    straight = _take(data_io.train_batches(prepared, 50, 16, seed=5), 40)
-    assert data_io.train_batches(prepared, 50, 16).num_windows < 40 * 50  # crosses epoch boundaries
-    first = data_io.train_batches(prepared, 50, 16, seed=5)
+    straight = _take(batches_io.train_batches(prepared, 50, 16, seed=5), 40)
+    assert batches_io.train_batches(prepared, 50, 16).num_windows < 40 * 50  # crosses epoch boundaries
+    first = batches_io.train_batches(prepared, 50, 16, seed=5)
     _take(first, 17)
     state = json.loads(json.dumps(first.state_dict()))  # plain JSON-able ints
-    resumed = data_io.train_batches(prepared, 50, 16, seed=5)
+    resumed = batches_io.train_batches(prepared, 50, 16, seed=5)
     resumed.load_state_dict(state)
     for (x, y), (xr, yr) in zip(straight[17:], _take(resumed, 23)):
         assert torch.equal(x, xr) and torch.equal(y, yr)
 
 
 def test_state_from_other_data_is_rejected(prepared):
-    stream = data_io.train_batches(prepared, 3, 16)
+    stream = batches_io.train_batches(prepared, 3, 16)
     with pytest.raises(UserError, match="seq_len"):
         stream.load_state_dict({**stream.state_dict(), "seq_len": 32})
 
@@ -247,8 +248,8 @@ def test_state_from_other_data_is_rejected(prepared):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_split_the_global_batch(prepared, world_size):
     B, steps = 2, 30
-    whole = _take(data_io.train_batches(prepared, B * world_size, 16, seed=7), steps)
-    ranks = [_take(data_io.train_batches(prepared, B, 16, seed=7, rank=r, world_size=world_size), steps)
+    whole = _take(batches_io.train_batches(prepared, B * world_size, 16, seed=7), steps)
+    ranks = [_take(batches_io.train_batches(prepared, B, 16, seed=7, rank=r, world_size=world_size), steps)
              for r in range(world_size)]
     for k in range(steps):
         assert torch.equal(torch.cat([ranks[r][k][0] for r in range(world_size)]), whole[k][0])
@@ -256,17 +257,17 @@ def test_ranks_split_the_global_batch(prepared, world_size):
 
 
 def test_ranks_resume_from_a_shared_position(prepared):
-    a = data_io.train_batches(prepared, 2, 16, seed=0, rank=1, world_size=2)
+    a = batches_io.train_batches(prepared, 2, 16, seed=0, rank=1, world_size=2)
     _take(a, 5)
-    b = data_io.train_batches(prepared, 2, 16, seed=0, rank=1, world_size=2)
+    b = batches_io.train_batches(prepared, 2, 16, seed=0, rank=1, world_size=2)
     b.load_state_dict(a.state_dict())
     assert torch.equal(next(a)[0], next(b)[0])
 
 
 def test_heldout_batches_are_fixed_and_cover_the_split(prepared):
-    batches = data_io.heldout_batches(prepared, 3, 2, 16)
+    batches = batches_io.heldout_batches(prepared, 3, 2, 16)
     assert len(batches) == 3 and all(x.shape == (2, 16) for x, _ in batches)
-    again = data_io.heldout_batches(prepared, 3, 2, 16)
+    again = batches_io.heldout_batches(prepared, 3, 2, 16)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
     held = prepared.tokens("heldout")
     assert int(batches[-1][0][-1, 0]) in held[len(held) // 2 :]  # spread over the split, not just its start
@@ -276,12 +277,12 @@ def test_empty_heldout_split_is_a_clear_error(corpus, tmp_path):
     prepared = prepare_cfg(make_cfg(corpus, tmp_path, heldout_documents=[]))
     assert prepared.num_tokens("heldout") == 0
     with pytest.raises(UserError, match="held-out split"):
-        data_io.heldout_batches(prepared, 1, 2, 16)
+        batches_io.heldout_batches(prepared, 1, 2, 16)
 
 
 def test_too_short_train_split_is_a_clear_error():
     with pytest.raises(UserError, match="seq_len"):
-        data_io.TokenStream(np.arange(10, dtype=np.int32), seq_len=16, batch_size=1)
+        batches_io.TokenStream(np.arange(10, dtype=np.int32), seq_len=16, batch_size=1)
 
 
 # ----------------------------------------------------------------------------- BOS
@@ -293,7 +294,7 @@ def test_bos_starts_every_window_and_is_in_the_cache_key(corpus, tmp_path, prepa
     bos = with_bos.window_bos
     assert bos == with_bos.tokenizer().bos_id() == data_io.SPM_BOS_ID
     assert np.array_equal(with_bos.tokens("train"), prepared.tokens("train"))  # BOS is cut in, not stored
-    stream = data_io.train_batches(with_bos, batch_size=4, seq_len=16, seed=1)
+    stream = batches_io.train_batches(with_bos, batch_size=4, seq_len=16, seed=1)
     assert stream.num_windows == len(with_bos.tokens("train")) // 16
     x, y = next(stream)
     assert x.shape == y.shape == (4, 16)
@@ -302,12 +303,12 @@ def test_bos_starts_every_window_and_is_in_the_cache_key(corpus, tmp_path, prepa
     for row in y:  # y is a whole window of the stream, starting at a multiple of T
         assert any(torch.equal(tokens[s : s + 16], row) for s in range(0, len(tokens) - 15, 16))
     assert bos not in with_bos.tokens("train")  # the corpus itself never holds BOS: only window starts do
-    for hx, hy in data_io.heldout_batches(with_bos, 2, 3, 16):
+    for hx, hy in batches_io.heldout_batches(with_bos, 2, 3, 16):
         assert (hx[:, 0] == bos).all() and torch.equal(hx[:, 1:], hy[:, :-1])
 
 
 def test_bos_windows_cover_every_token_once_per_epoch():
-    stream = data_io.TokenStream(np.arange(3, 8 * 10 + 3, dtype=np.int32), seq_len=8, batch_size=5, seed=3, bos_id=1)
+    stream = batches_io.TokenStream(np.arange(3, 8 * 10 + 3, dtype=np.int32), seq_len=8, batch_size=5, seed=3, bos_id=1)
     assert stream.num_windows == 10
     ys = torch.cat([next(stream)[1] for _ in range(2)])
     assert sorted(ys.flatten().tolist()) == list(range(3, 83))
