@@ -132,6 +132,36 @@ def bench_linear(M: int, K: int, N: int, rounds: int, compiled: bool, peers: boo
     return row
 
 
+def bench_linear_cuda(M: int, K: int, N: int, rounds: int) -> dict:
+    """The W8A8 linear on CUDA (`_int_mm` with padding) against fp32, bf16 and fp16 `nn.Linear`
+    on the same GPU; every timed call ends with a synchronize, so the times are the kernels'."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    lin = nn.Linear(K, N).to(dev)
+    halves = {name: nn.Linear(K, N).to(dev, dtype) for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))}
+    for half in halves.values():
+        half.load_state_dict(lin.state_dict())
+    x = torch.randn(M, K, device=dev)
+    q = _w8a8(lin, "eager")
+
+    def synced(f: Callable[[], object]) -> Callable[[], object]:
+        def call() -> object:
+            out = f()
+            torch.cuda.synchronize()
+            return out
+        return call
+
+    fns = {"fp32_ms": synced(lambda: lin(x)), "w8a8_ms": synced(lambda: q(x))}
+    for name, half in halves.items():
+        xh = x.to(next(half.parameters()).dtype)
+        fns[f"{name}_ms"] = synced(lambda half=half, xh=xh: half(xh))
+    with torch.no_grad():
+        row: dict = {"M": M, "K": K, "N": N, "device": torch.cuda.get_device_name(0), **race(fns, rounds)}
+    for name in ("fp32", "bf16", "fp16"):
+        row[f"speedup_vs_{name}"] = _ratio(row[f"{name}_ms"], row["w8a8_ms"])
+    return row
+
+
 def cpu_kind() -> str:
     flags = set(machine.cpu_info()["kernel_flags"])
     if "amx_int8" in flags:
@@ -202,7 +232,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--shape", action="append", default=None, metavar="MxKxN", help="only this linear shape (repeatable)")
     p.add_argument("--allocator", choices=("both", *LEGS), default="both", help="which allocator legs to run (default both)")
     p.add_argument("--leg", choices=LEGS, default=None, help=argparse.SUPPRESS)  # the child process of the system leg
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the W8A8 linear (CUDA _int_mm, padded) vs fp32/bf16/fp16 nn.Linear on the GPU")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device here (a CPU build of torch, or no GPU)")
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)
     if rounds < 1:
         p.error("--rounds must be >= 1")
@@ -214,6 +248,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise ValueError
         except ValueError:
             p.error(f"--shape expects MxKxN with positive integers, got {args.shape}")
+    if args.device == "cuda":
+        rows = [bench_linear_cuda(M, K, N, rounds) for M, K, N in shapes]
+        result = {"bench": "int8", "device": "cuda", "env": {"machine": machine.describe(), "rounds": rounds},
+                  "linear": rows, "backends": backends.describe(probe=False)}
+        print(json.dumps(result, indent=2 if args.json else 1))
+        return 0
     compiled, peers = not (args.quick or args.no_compile), not (args.quick or args.no_peers)
     legs = [args.leg] if args.leg else (list(LEGS) if args.allocator == "both" else [args.allocator])
     result: dict = {"bench": "int8", "env": {"machine": machine.describe(), "cpu_kind": cpu_kind(), "quick": args.quick,

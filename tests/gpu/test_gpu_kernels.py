@@ -1,6 +1,8 @@
 """CUDA INT8 GEMM: `torch._int_mm` behind rayq's zero-padding (M > 16, K and N multiples of 8)
 is bit-exact against the int64 CPU reference for shapes that need every kind of padding."""
 
+import json
+
 import pytest
 import torch
 
@@ -36,3 +38,12 @@ def test_cuda_w8a8_linear_equals_the_reference_backend_at_odd_shapes():
     set_backend(q, "reference")
     torch.testing.assert_close(fast.cpu(), q(x).cpu(), rtol=1e-5, atol=1e-5)
     assert not torch.equal(fast.cpu(), model(x).detach().cpu())  # it did quantize
+
+
+def test_bench_int8_on_cuda_prints_one_json(capsys):
+    from rayq.kernels import bench
+
+    assert bench.main(["--device", "cuda", "--quick", "--rounds", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["device"] == "cuda" and len(out["linear"]) == len(bench.QUICK_SHAPES)
+    assert all(r["w8a8_ms"] > 0 and r["speedup_vs_fp16"] is not None for r in out["linear"])

@@ -38,3 +38,11 @@ def test_bench_bad_flag_exits_2():
     with pytest.raises(SystemExit) as exc:
         bench.main(["--rounds", "0"])
     assert exc.value.code == 2
+
+
+@pytest.mark.skipif(bench.torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_bench_cuda_without_cuda_is_a_one_line_refusal(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--device", "cuda", "--json"])
+    assert exc.value.code == 2
+    assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
