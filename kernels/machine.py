@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from .files import atomic_write
 
 CACHE_FORMAT = "rayq.kernels.probe/1"
 # the flags that decide which integer / bf16 kernels oneDNN can use
@@ -101,17 +102,7 @@ def store(name: str, entry: dict[str, Any]) -> None:
         path = cache_path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(doc, f, indent=1, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            atomic_write(path, lambda f: json.dump(doc, f, indent=1, sort_keys=True), binary=False)
         except OSError:
             pass
 

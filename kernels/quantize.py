@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends, gemm
+from .files import atomic_write
 from .schemes import (
     Scheme,
     SchemeError,
@@ -547,20 +547,9 @@ def quantized_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """torch.save of `quantized_state_dict`, written to a temp file in the same directory and
-    moved into place with os.replace, so a reader never sees a half-written file."""
-    path = os.fspath(path)
+    moved into place (`files.atomic_write`), so a reader never sees a half-written file."""
     sd = quantized_state_dict(model)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(sd, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(os.path.abspath(os.fspath(path)), lambda f: torch.save(sd, f))
 
 
 def load_quantized(model: nn.Module, path: Union[str, os.PathLike], *, backend: str = "auto", map_location: str = "cpu") -> nn.Module:
