@@ -10,11 +10,33 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
-from rayq.kernels.files import current_umask, file_mode  # one umask reading for every writer
-
 __all__ = ["current_umask", "file_mode", "dir_mode", "fsync_dir", "mount_point", "os_error_message"]
+
+_UMASK_LINE = re.compile(r"^Umask:\s*([0-7]+)$", re.MULTILINE)
+
+
+def current_umask() -> int:
+    """The process umask (kernels/files.py reads it the same way: importing rayq.kernels would
+    import torch, which `rayq --help` and `rayq validate` must not). Read from /proc where it exists: setting it to read it back (the only
+    portable way) would briefly change it for every other thread of the process."""
+    try:
+        found = _UMASK_LINE.search(Path("/proc/self/status").read_text())
+    except OSError:
+        found = None
+    if found:
+        return int(found.group(1), 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file."""
+    return 0o666 & ~current_umask()
+
 
 def dir_mode() -> int:
     """The mode a plain `os.mkdir` would give a new directory."""
