@@ -38,6 +38,16 @@ def _bound_sockets(proc) -> list:
     return out
 
 
+def _program(proc) -> str:
+    """The basename of the program `proc` runs ("" once it has exited)."""
+    psutil = _psutil()
+    try:
+        argv = proc.cmdline()
+    except psutil.Error:
+        return ""
+    return os.path.basename(argv[0]) if argv else ""
+
+
 def _is_loopback(ip: str) -> bool:
     addr = ipaddress.ip_address(ip.split("%")[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -70,7 +80,9 @@ def test_embedded_ray_listens_on_loopback_only():
         holder = Holder.remote()
         worker_pids = {ray.get(pid.remote()), ray.get(holder.pid.remote())}
         started = me.children(recursive=True)  # only the processes this test's Ray started
-        names = {" ".join(p.cmdline())[:80] for p in started if p.is_running()}
+        # the program's own name, not a prefix of its command line: a long install path pushed
+        # "raylet" past a truncated cmdline once
+        names = {_program(p) for p in started}
         assert worker_pids <= {p.pid for p in started}, "Ray's workers are not this test's children"
         assert any("gcs_server" in n for n in names) and any("raylet" in n for n in names), names
 
