@@ -41,7 +41,6 @@ Tensor = torch.Tensor
 
 REFERENCE_KERNEL_SLOWDOWN = 20.0  # oneDNN's ref_int8 is ~1000x slower; real kernels are within ~3x
 PROBE_ROUNDS = 5
-COMPILED_GAIN = 1.25  # compiled vs eager `_int_mm` W8A8 linear at large shapes (see `choose`)
 PROBE_KN = 1024  # K = N of the timed probe shape: ~1 G multiply-adds at M = 1024, a few ms
 # shape classes by tokens per call: decode-like, eval batches, large prefill
 SHAPE_CLASSES = (("m<=32", 32, 16), ("m<=512", 512, 256), ("m>512", None, 1024))
@@ -83,7 +82,7 @@ def list_backends(device: Optional[str] = None, available_only: bool = True) -> 
 
 def _onednn_gemm(a: Tensor, w: Tensor) -> Tensor:
     packed = gemm.onednn_prepack(w, a.shape[0])
-    return gemm.onednn_qlinear(a.view(torch.uint8) ^ 128, packed, torch.ones(w.shape[0]))
+    return gemm.onednn_qlinear(a.view(torch.uint8) ^ 128, packed, torch.ones(w.shape[0]), torch.float32)
 
 
 def _cuda_available() -> bool:
@@ -146,22 +145,35 @@ def shape_class(M: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _probe_shape(cls: str) -> tuple[int, int, int]:
+def probe_key(cls: str, out_dtype: torch.dtype = torch.float32) -> str:
+    """The probe's key: the shape class, and "/bf16" where the linear writes bf16 (on AMX machines
+    oneDNN's bf16 output is much faster than its fp32 one, so the ranking may differ)."""
+    return f"{cls}/bf16" if out_dtype == torch.bfloat16 else cls
+
+
+def _probe_shape(key: str) -> tuple[int, int, int]:
+    cls = key.partition("/")[0]
     M = next(rep for name, _, rep in SHAPE_CLASSES if name == cls)
     return M, PROBE_KN, PROBE_KN
 
 
-def _linear_runner(form: str, M: int, K: int, N: int) -> Callable[[], object]:
-    """A whole eager W8A8 linear (quantize, GEMM, dequant, bias) in `form`, on random data."""
+def _linear_runner(form: str, M: int, K: int, N: int, bf16: bool = False) -> Callable[[], object]:
+    """A whole eager W8A8 linear (quantize, GEMM, dequant, bias) in `form`, on random data; with
+    `bf16`, bf16 activations in and out (as under a bf16 recipe's autocast)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(M, K, generator=gen)
+    if bf16:
+        x = x.to(torch.bfloat16)
     w = _codes((N, K), gen)
     w_scale = torch.rand(N, generator=gen) * 1e-2
     bias = torch.randn(N, generator=gen)
     if form == "onednn":
         packed = gemm.onednn_prepack(w, M)
-        return lambda: gemm.w8a8_onednn(x, packed, w_scale, bias, None, None, False)
+        out = torch.bfloat16 if bf16 else torch.float32
+        return lambda: gemm.w8a8_onednn(x, packed, w_scale, bias, None, None, False, out)
     comp = w.sum(1, dtype=torch.int32) * 128 if form == "u8s8" else None
+    if bf16:
+        return lambda: gemm.w8a8_core(x, w, w_scale, bias, None, None, False, comp)[0].to(torch.bfloat16)
     return lambda: gemm.w8a8_core(x, w, w_scale, bias, None, None, False, comp)
 
 
@@ -175,9 +187,10 @@ def reference_kernels(times_ms: dict[str, float], base: str = "int_mm_s8s8") -> 
             for name, t in times_ms.items() if name != base and t > REFERENCE_KERNEL_SLOWDOWN * ref}
 
 
-def probe_cpu(cls: str, rounds: int = PROBE_ROUNDS) -> dict[str, Any]:
-    """Measure the CPU paths for one shape class: exactness, then interleaved timings."""
-    M, K, N = _probe_shape(cls)
+def probe_cpu(key: str, rounds: int = PROBE_ROUNDS) -> dict[str, Any]:
+    """Measure the CPU paths for one probe key (`probe_key`): exactness, then interleaved timings."""
+    M, K, N = _probe_shape(key)
+    bf16 = key.endswith("/bf16")
     excluded: dict[str, str] = {}
     runners: dict[str, Callable[[], object]] = {}
     for b in list_backends("cpu", available_only=False):
@@ -188,13 +201,13 @@ def probe_cpu(cls: str, rounds: int = PROBE_ROUNDS) -> dict[str, Any]:
         if why:
             excluded[b.name] = why
             continue
-        runners[b.name] = _linear_runner(CPU_FORMS[b.name], M, K, N)
+        runners[b.name] = _linear_runner(CPU_FORMS[b.name], M, K, N, bf16)
     with torch.no_grad():
         med = race(runners, rounds, digits=4)
     excluded.update(reference_kernels(med))
     usable = {k: v for k, v in med.items() if k not in excluded}
     best = min(usable, key=usable.get) if usable else "int_mm_s8s8"
-    return {"backend": best, "shape": [M, K, N], "times_ms": med, "excluded": excluded,
+    return {"backend": best, "shape": [M, K, N], "bf16_io": bf16, "times_ms": med, "excluded": excluded,
             "threads": torch.get_num_threads(), "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -208,35 +221,24 @@ def _valid(entry: Optional[dict[str, Any]]) -> bool:
     return get_backend(entry["backend"]).available()
 
 
-def choice(cls: str) -> dict[str, Any]:
-    """The probe entry of a CPU shape class: from memory, else the disk cache, else a probe."""
+def choice(key: str) -> dict[str, Any]:
+    """The probe entry of a probe key (`probe_key`): from memory, else the disk cache, else a probe."""
     with _memo_lock:
-        entry = _memo.get(cls)
+        entry = _memo.get(key)
         if entry is None:
-            entry = machine.lookup(f"int8/{cls}")
+            entry = machine.lookup(f"int8/{key}")
             if not _valid(entry):
-                entry = probe_cpu(cls)
-                machine.store(f"int8/{cls}", entry)
-            _memo[cls] = entry
+                entry = probe_cpu(key)
+                machine.store(f"int8/{key}", entry)
+            _memo[key] = entry
         return entry
 
 
-def choose(M: int, compiles: bool = False) -> str:
-    """The CPU W8A8 form ("s8s8", "u8s8" or "onednn") for a call with M tokens.
-
-    The probe times eager forms only (compiling in a probe would cost 10-90 s on first use).
-    When the call is big enough for the compiled `_int_mm` form (`compiles`), that form gains
-    ~COMPILED_GAIN over its eager timing (fused quantize and dequant passes; measured 1.24-1.30x
-    at 2048x4096x4096 here), so oneDNN's eager path is kept only if it beat the best eager
-    `_int_mm` form by more than that.
-    """
-    entry = choice(shape_class(M))
-    best = entry["backend"]
-    if compiles and best == "onednn_qlinear":
-        times = {k: v for k, v in entry.get("times_ms", {}).items() if k.startswith("int_mm") and k not in entry.get("excluded", {})}
-        if times and entry["times_ms"].get(best, 0) * COMPILED_GAIN > min(times.values()):
-            best = min(times, key=times.get)
-    return CPU_FORMS[best]
+def choose(M: int, out_dtype: torch.dtype = torch.float32) -> str:
+    """The CPU W8A8 form ("s8s8", "u8s8" or "onednn") for a call with M tokens writing
+    `out_dtype`: the probe's fastest eager form. Every form compiles the same way (fused quantize
+    pass and dequant epilogue around its GEMM), so the eager ranking stands for compiled calls."""
+    return CPU_FORMS[choice(probe_key(shape_class(M), out_dtype))["backend"]]
 
 
 def forget() -> None:
@@ -247,6 +249,7 @@ def forget() -> None:
 
 def describe(probe: bool = True) -> dict[str, Any]:
     """The choices for every shape class (probing where needed), for bench JSON."""
-    classes = {name: (choice(name) if probe else _memo.get(name)) for name, _, _ in SHAPE_CLASSES}
+    keys = [probe_key(name, dtype) for dtype in (torch.float32, torch.bfloat16) for name, _, _ in SHAPE_CLASSES]
+    classes = {key: (choice(key) if probe else _memo.get(key)) for key in keys}
     return {"machine": machine.describe(), "forced_cpu_kernel": gemm.cpu_kernel(), "cpu_choices": classes,
             "available": [b.name for b in list_backends()]}

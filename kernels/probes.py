@@ -111,7 +111,7 @@ class W8A6TokenLinear(QuantLinear):
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("w_scale", torch.ones(out_features))
 
-    def _fast(self, x: Tensor) -> Tensor:
+    def _fast(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
         absmax = gemm.absmax_rows(x)
         self._check(absmax)  # NaN/inf anywhere in a row poisons its absmax
         acc = int8_mm(gemm.quantize_symmetric(x, absmax, QMAX6), self.qweight)
@@ -145,7 +145,7 @@ class ChannelOracleLinear(QuantLinear):
         out = x_hat @ w_hat.t()
         return out + self.bias.to(device=x.device, dtype=dtype) if self.bias is not None else out
 
-    def _fast(self, x: Tensor) -> Tensor:
+    def _fast(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
         self._check(x)
         return self._simulate(x, torch.float32)
 

@@ -96,18 +96,22 @@ class QuantLinear(QuantModule):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
+    # activation dtypes `_fast` reads as they are; any other is converted to fp32 first
+    fast_inputs: tuple[torch.dtype, ...] = (torch.float32,)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"layer {self.name!r}: expected last dim {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        out_dtype = output_dtype(x)
         with torch.no_grad():
             if self.backend == "reference":
                 self._check(x2)
                 out = self._reference(x2).to(device=x.device)
             else:
-                out = self._fast(x2 if x2.dtype == torch.float32 else x2.float())
-        return out.to(x.dtype).reshape(*lead, self.out_features)
+                out = self._fast(x2 if x2.dtype in self.fast_inputs else x2.float(), out_dtype)
+        return out.to(out_dtype).reshape(*lead, self.out_features)
 
     def _use_compiled(self, x: Tensor) -> bool:
         if x.device.type not in ("cpu", "cuda"):  # XLA traces and fuses the graph itself
@@ -117,7 +121,8 @@ class QuantLinear(QuantModule):
         work = x.shape[0] * self.in_features * self.out_features
         return self.backend == "auto" and x.shape[0] >= AUTO_COMPILE_MIN_ROWS and work >= AUTO_COMPILE_WORK
 
-    def _fast(self, x: Tensor) -> Tensor:
+    def _fast(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """y for x [M, K]; in `out_dtype` where the kernel can write it directly, else fp32."""
         raise NotImplementedError
 
     def _reference(self, x: Tensor) -> Tensor:
@@ -130,13 +135,29 @@ class QuantLinear(QuantModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, scheme={self.scheme.name}, backend={self.backend}"
 
 
+def output_dtype(x: Tensor) -> torch.dtype:
+    """`nn.Linear`'s output dtype for input x: autocast's dtype where autocast is on for x's
+    device, else x's own. A quantized linear follows it, so that a quantized model under a bf16
+    recipe's autocast carries bf16 activations exactly where the FP model does."""
+    device = x.device.type
+    try:
+        if x.is_floating_point() and torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+    except RuntimeError:  # a device type autocast does not know
+        pass
+    return x.dtype
+
+
 class W8A8Linear(QuantLinear):
     """INT8 weights [N, K] with per-channel (or one per-tensor) scale; activations quantized per
     token (or per tensor, dynamic or static) at run time; INT8 GEMM with INT32 accumulation;
     fp32 dequant s_x * acc * s_w + b. Also serves SmoothQuant via `in_scale` (1/s per input
-    channel, applied to x before quantizing; W already carries s)."""
+    channel, applied to x before quantizing; W already carries s). bf16 activations are read as
+    they are (the codes are computed in fp32 either way) and, where the output is bf16 (see
+    `output_dtype`), the oneDNN form writes bf16 itself."""
 
     kind = "W8A8Linear"
+    fast_inputs = (torch.float32, torch.bfloat16)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, name: str, scheme: Scheme, backend: str = "auto",
                  per_tensor_weight: bool = False, per_tensor_act: bool = False, static_act: bool = False, smooth: bool = False):
@@ -165,13 +186,11 @@ class W8A8Linear(QuantLinear):
             self._derived[form] = hit
         return hit[1]
 
-    def _cpu_form(self, x: Tensor) -> str:
+    def _cpu_form(self, x: Tensor, out_dtype: torch.dtype = torch.float32) -> str:
         """"s8s8", "u8s8" or "onednn": forced by `gemm.set_cpu_kernel`, else the machine's probe."""
-        form = gemm.cpu_kernel() or backends.choose(x.shape[0], compiles=self._use_compiled(x))
+        form = gemm.cpu_kernel() or backends.choose(x.shape[0], out_dtype)
         if form == "u8s8" and self.in_features > gemm.MAX_K_U8:
             return "s8s8"  # the u8 accumulator would overflow int32
-        if self.backend == "compiled" and form == "onednn":
-            return "u8s8" if gemm.supports_u8() and self.in_features <= gemm.MAX_K_U8 else "s8s8"
         return form
 
     def _compensation(self, form: str) -> Optional[Tensor]:
@@ -180,29 +199,30 @@ class W8A8Linear(QuantLinear):
             return None
         return self._cached("u8s8", lambda: self.qweight.sum(1, dtype=torch.int32) * 128)
 
-    def _onednn(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _onednn_args(self, x: Tensor, out_dtype: torch.dtype) -> tuple:
         packed, w_scale = self._cached("onednn", lambda: (
             gemm.onednn_prepack(self.qweight, x.shape[0]), self.w_scale.expand(self.out_features).contiguous()))
-        return gemm.w8a8_onednn(x, packed, w_scale, self.bias, self.in_scale, self.act_absmax, self.per_tensor_act)
+        # oneDNN writes fp32 or bf16; anything else is converted by `forward`
+        out = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
+        return (x, packed, w_scale, self.bias, self.in_scale, self.act_absmax, self.per_tensor_act, out)
 
     def _args(self) -> tuple:
         return (self.qweight, self.w_scale, self.bias, self.in_scale, self.act_absmax, self.per_tensor_act)
 
-    def _fast(self, x: Tensor) -> Tensor:
-        form = self._cpu_form(x) if x.device.type == "cpu" else "s8s8"
+    def _fast(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
+        form = self._cpu_form(x, out_dtype) if x.device.type == "cpu" else "s8s8"
         if form == "onednn":
-            out, absmax = self._onednn(x)
-            self._check(absmax)
-            return out
-        args = (x, *self._args(), self._compensation(form))
-        fn = gemm.compiled_w8a8_core() if self._use_compiled(x) else None
+            eager, compiled, args = gemm.w8a8_onednn, gemm.compiled_w8a8_onednn, self._onednn_args(x, out_dtype)
+        else:
+            eager, compiled, args = gemm.w8a8_core, gemm.compiled_w8a8_core, (x, *self._args(), self._compensation(form))
+        fn = compiled() if self._use_compiled(x) else None
         result = None
         if fn is not None:
             try:
                 result = fn(*args)
             except Exception as exc:  # noqa: BLE001 - a broken compiler must not break evaluation
                 gemm.note_compile_failure(exc)
-        out, absmax = result if result is not None else gemm.w8a8_core(*args)
+        out, absmax = result if result is not None else eager(*args)
         self._check(absmax)  # NaN/inf in a row poison its absmax
         return out
 
@@ -225,7 +245,7 @@ class W8A8GroupLinear(QuantLinear):
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("w_scale", torch.ones(out_features, in_features // group_size))
 
-    def _fast(self, x: Tensor) -> Tensor:
+    def _fast(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
         out, absmax = gemm.group_core(x, self.qweight, self.w_scale, self.bias, self.group_size)
         self._check(absmax)
         return out
@@ -253,7 +273,7 @@ class W4Linear(QuantLinear):
         codes = gemm.unpack_int4(self.qweight_packed, self.in_features)
         return codes.to(dtype) * self.w_scale.to(dtype).unsqueeze(1)
 
-    def _fast(self, x: Tensor) -> Tensor:
+    def _fast(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
         self._check(x)
         return F.linear(x, self.dequantized_weight(), self.bias)
 

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("rayq.eval.commands:analyze", "weight/activation diagnostics of a checkpoint (JSON + PNG plots)"),
     "export": ("rayq.search.commands:export_", "write the best recipes of a search as launchable recipe files"),
     "report": ("rayq.search.commands:report", "plots and a summary of a search"),
+    "study": ("rayq.search.commands:study", "read a study's searches against its gates (regime: Gate A, contrast: Gate B)"),
     "plan": ("rayq.cluster.plan:plan_command", "memory per device and tokens/s a full-scale run needs"),
     "data": ("rayq.commands:data", "prepare the corpus: tokenizer + Parquet token shards (data prepare)"),
     "ls": ("rayq.commands:ls", "list presets, quantization schemes, tasks"),

@@ -95,3 +95,61 @@ def report(argv: Sequence[str]) -> int:
     args = parse_args(parser, argv)
     print(write_report(args.search_dir, args.out))
     return 0
+
+
+def study(argv: Sequence[str]) -> int:
+    from rayq.commands import make_parser, parse_args
+    from rayq.search import study as study_lib
+
+    parser = make_parser("rayq study", "Read a study's searches against its gates: 'regime' (Gate A: KL grows with "
+                         "training, the stress lr) or 'contrast' (Gate B: paired-seed separation of log KL)")
+    parser.add_argument("reading", choices=("regime", "contrast"))
+    parser.add_argument("dirs", nargs="+", help="search directories (one seed per trial, train.seed searched)")
+    parser.add_argument("--metric", default="ptq/w8a8-tensor/kl", help="the gate's KL metric")
+    parser.add_argument("--also", action="append", default=None,
+                        help="more metrics to report beside it (default: vector-wise KL and eval/loss)")
+    parser.add_argument("--reference", default=None, help="contrast: the reference recipe's label (see the regime "
+                        "reading's run names); default: the recipe listed last")
+    parser.add_argument("--step", type=float, default=None, help="contrast: compare at this step (default: the last "
+                        "step every run reached)")
+    parser.add_argument("--out", default=None, help="write the reading (contrast: the study's summary.json) here")
+    args = parse_args(parser, argv)
+    rows = study_lib.load(args.dirs)
+    also = args.also or ["ptq/w8a8-vectorwise/kl", "eval/loss"]
+    if args.reading == "regime":
+        doc = study_lib.regime(rows, [args.metric, *[m for m in also if "/kl" in m]], _warmup(args.dirs[0]))
+    else:
+        labels = sorted({label for label, _ in study_lib.curves(rows, args.metric)})
+        if not labels:
+            from rayq.errors import UserError
+
+            raise UserError(f"rayq study: no run reports {args.metric}")
+        reading = study_lib.contrast(rows, args.reference or labels[-1], args.metric, also, args.step)
+        doc = study_lib.summary(rows, reading, _parameters(args.dirs[0]))
+    text = json.dumps(doc, indent=2, default=str)
+    if args.out:
+        from rayq.config import atomic_write_text
+
+        atomic_write_text(Path(args.out), text + "\n")
+    print(text)
+    return 0
+
+
+def _saved_config(search_dir: str):
+    from rayq.config import resolve
+    from rayq.errors import UserError
+
+    path = Path(search_dir) / "config.yaml"
+    if not path.exists():
+        raise UserError(f"{path}: missing (not a search directory)")
+    return resolve(config_file=path)
+
+
+def _warmup(search_dir: str) -> float:
+    return float(_saved_config(search_dir).recipe.warmup_steps)
+
+
+def _parameters(search_dir: str) -> int:
+    from rayq.model import count_parameters
+
+    return count_parameters(_saved_config(search_dir).model)

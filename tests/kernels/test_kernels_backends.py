@@ -122,15 +122,10 @@ def test_machine_key_depends_on_torch_version(monkeypatch):
     assert machine.machine_key() != key
 
 
-@pytest.mark.parametrize(("onednn_ms", "compiles", "form"), [
-    (9.0, False, "onednn"),  # eager calls: the probe's fastest path
-    (9.0, True, "u8s8"),  # compiled _int_mm gains ~1.25x: a 1.1x lead of oneDNN is not enough
-    (5.0, True, "onednn"),  # a 2x lead is
-])
-def test_compiled_calls_keep_onednn_only_with_a_clear_lead(cache, monkeypatch, onednn_ms, compiles, form):
+def test_choose_takes_the_probes_fastest_form_from_the_cache(cache, monkeypatch):
     machine.store("int8/m>512", {"backend": "onednn_qlinear", "excluded": {},
-                                 "times_ms": {"int_mm_s8s8": 11.0, "int_mm_u8s8": 10.0, "onednn_qlinear": onednn_ms}})
+                                 "times_ms": {"int_mm_s8s8": 11.0, "int_mm_u8s8": 10.0, "onednn_qlinear": 9.0}})
     monkeypatch.setattr(backends, "probe_cpu", lambda cls: pytest.fail("probed although a valid cache entry exists"))
-    if form == "onednn" and not gemm.onednn_available():
+    if not gemm.onednn_available():
         pytest.skip("no oneDNN qlinear in this torch build")
-    assert backends.choose(4096, compiles=compiles) == form
+    assert backends.choose(4096) == "onednn"

@@ -20,18 +20,29 @@ def test_proxy_is_the_regime_of_the_study():
 
 @pytest.mark.parametrize("name,recipes,seeds", [("proxy-lr", 4, 1), ("proxy-contrast", 2, 3), ("proxy-grid", 5, 3)])
 def test_stage_presets_validate_and_pair_seeds(name, recipes, seeds):
+    """One recipe-seed per trial: every recipe runs once per seed, each seed with every recipe
+    (the same initialization and data order), listed pair by pair so finished pairs can be read."""
     cfg = config_io.resolve(name)
     checked = validate_search(cfg)
     points = checked.space.grid(cfg)
-    assert len(points) == recipes and cfg.search.seeds_per_recipe == seeds
-    assert cfg.search.searcher == "grid" and "train.seed" not in checked.space.searched_paths()  # seeds paired
+    assert cfg.search.seeds_per_recipe == 1 and len(points) == recipes * seeds
+    by_seed: dict = {}
+    for p in points:
+        recipe = tuple(sorted((k, repr(v)) for k, v in p.items() if k != "train.seed"))
+        by_seed.setdefault(p.get("train.seed", cfg.train.seed), []).append(recipe)
+    assert len(by_seed) == seeds and all(sorted(r) == sorted(by_seed[min(by_seed)]) for r in by_seed.values())
+    assert len(set(by_seed[min(by_seed)])) == recipes
+    seeds_in_order = [p.get("train.seed", cfg.train.seed) for p in points]
+    assert seeds_in_order == sorted(seeds_in_order)  # seed by seed: pairs complete early
+    assert cfg.search.searcher == "grid"
     assert cfg.search.milestones == [cfg.recipe.steps]  # compared at the end: no recipe stopped early
     assert "Gate" in _preset_source(name)  # the gate is written where the user reads the preset
 
 
 def test_contrast_points_differ_in_every_knob_of_the_issue():
     cfg = config_io.resolve("proxy-contrast")
-    prone, averse = validate_search(cfg).space.grid(cfg)
+    prone, averse = validate_search(cfg).space.grid(cfg)[:2]
+    assert prone["train.seed"] == averse["train.seed"]
     for key in ("recipe.lr", "recipe.grad_clip", "recipe.weight_decay", "recipe.decay_norm_gains", "recipe.dropout",
                 "recipe.eps"):
         assert prone[key] != averse[key], key
