@@ -7,7 +7,8 @@ the CPU (VNNI only, AVX-512, AMX) and on the torch build. Each path is registere
 1. exactness: the backend's integer GEMM must equal the int64 reference bit for bit on awkward
    shapes (M = 1, odd K and N) — a path that is not exact is never used, however fast;
 2. speed: a few interleaved timed calls of the whole eager W8A8 linear (quantize, GEMM, dequant)
-   on a shape of the class; a path more than `REFERENCE_KERNEL_SLOWDOWN` times slower than plain
+   on a shape of the class, and of the GEMM with one dequant pass on ready codes (what a compiled
+   call runs besides its one fused quantize pass: the ranking for compiled calls); a path more than `REFERENCE_KERNEL_SLOWDOWN` times slower than plain
    `_int_mm` is oneDNN's scalar reference kernel (`ref_int8`, ~1000x slower: what Inductor's
    `freezing=True` int8 rewrite runs on CPUs without AMX) and is excluded by name;
 3. the fastest surviving path is stored in the machine's probe cache (`rayq.kernels.machine`)
@@ -17,8 +18,8 @@ Paths (device: name):
 - cpu: `int_mm_s8s8` (`torch._int_mm` s8 x s8), `int_mm_u8s8` (u8 x s8 with the 128 * colsum(W)
   zero-point correction in int32), `onednn_qlinear` (`torch.ops.onednn.qlinear_pointwise` on a
   prepacked s8 weight, u8 activation with zero point 128, the per-channel weight scale fused into
-  the GEMM's fp32 output; the per-token scale and the bias follow in place).
-  Large calls of the `_int_mm` paths additionally run the torch.compile-fused quantize/dequant
+  the GEMM's fp32 or bf16 output; the per-token scale and the bias follow in place).
+  Large calls of every path run the torch.compile-fused quantize/dequant around the GEMM
   (`rayq.kernels.quantize.AUTO_COMPILE_WORK`).
 - cuda: `cuda_int_mm` (`_int_mm` with zero padding to its M > 16, K, N multiple-of-8 rules).
 - xla: `xla_dot` (an XLA DotGeneral of int8 operands with int32 accumulation).
@@ -43,6 +44,7 @@ REFERENCE_KERNEL_SLOWDOWN = 20.0  # oneDNN's ref_int8 is ~1000x slower; real ker
 PROBE_ROUNDS = 5
 PROBE_KN = 1024  # K = N of the timed probe shape: ~1 G multiply-adds at M = 1024, a few ms
 # shape classes by tokens per call: decode-like, eval batches, large prefill
+GEMM_ONLY = "/gemm"  # the probe's name suffix of a GEMM-with-dequant timing
 SHAPE_CLASSES = (("m<=32", 32, 16), ("m<=512", 512, 256), ("m>512", None, 1024))
 EXACT_SHAPES = ((1, 7, 5), (19, 67, 33), (33, 130, 17), (64, 1031, 40))
 
@@ -177,6 +179,25 @@ def _linear_runner(form: str, M: int, K: int, N: int, bf16: bool = False) -> Cal
     return lambda: gemm.w8a8_core(x, w, w_scale, bias, None, None, False, comp)
 
 
+def _gemm_runner(form: str, M: int, K: int, N: int, bf16: bool = False) -> Callable[[], object]:
+    """What a compiled W8A8 call of `form` does besides its one fused quantize pass: the GEMM on
+    ready codes and one dequant pass over its output (the fused epilogue's traffic)."""
+    gen = torch.Generator().manual_seed(0)
+    w = _codes((N, K), gen)
+    xq = _codes((M, K), gen)
+    w_scale = torch.rand(N, generator=gen) * 1e-2
+    token_scale = torch.rand(M, 1, generator=gen) * 1e-2
+    if form == "onednn":
+        packed = gemm.onednn_prepack(w, M)
+        xu8 = xq.view(torch.uint8) ^ 128
+        out = torch.bfloat16 if bf16 else torch.float32
+        return lambda: gemm.onednn_qlinear(xu8, packed, w_scale, out).mul_(token_scale)
+    if form == "u8s8":
+        xu8, comp = xq.view(torch.uint8) ^ 128, w.sum(1, dtype=torch.int32) * 128
+        return lambda: torch._int_mm(xu8, w.t()).sub_(comp) * (token_scale * w_scale)
+    return lambda: torch._int_mm(xq, w.t()) * (token_scale * w_scale)
+
+
 def reference_kernels(times_ms: dict[str, float], base: str = "int_mm_s8s8") -> dict[str, str]:
     """The paths so much slower than plain `_int_mm` that oneDNN must be running its scalar
     reference kernel (`ref_int8`), with the reason; `base` itself is never excluded."""
@@ -202,12 +223,18 @@ def probe_cpu(key: str, rounds: int = PROBE_ROUNDS) -> dict[str, Any]:
             excluded[b.name] = why
             continue
         runners[b.name] = _linear_runner(CPU_FORMS[b.name], M, K, N, bf16)
+        runners[f"{b.name}{GEMM_ONLY}"] = _gemm_runner(CPU_FORMS[b.name], M, K, N, bf16)
     with torch.no_grad():
-        med = race(runners, rounds, digits=4)
+        timed = race(runners, rounds, digits=4)
+    med = {k: v for k, v in timed.items() if not k.endswith(GEMM_ONLY)}
+    gemm_med = {k.removesuffix(GEMM_ONLY): v for k, v in timed.items() if k.endswith(GEMM_ONLY)}
     excluded.update(reference_kernels(med))
     usable = {k: v for k, v in med.items() if k not in excluded}
+    usable_gemm = {k: v for k, v in gemm_med.items() if k not in excluded}
     best = min(usable, key=usable.get) if usable else "int_mm_s8s8"
-    return {"backend": best, "shape": [M, K, N], "bf16_io": bf16, "times_ms": med, "excluded": excluded,
+    best_compiled = min(usable_gemm, key=usable_gemm.get) if usable_gemm else best
+    return {"backend": best, "backend_compiled": best_compiled, "shape": [M, K, N], "bf16_io": bf16,
+            "times_ms": med, "gemm_times_ms": gemm_med, "excluded": excluded,
             "threads": torch.get_num_threads(), "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -216,9 +243,10 @@ _memo_lock = threading.Lock()
 
 
 def _valid(entry: Optional[dict[str, Any]]) -> bool:
-    if not entry or not isinstance(entry.get("backend"), str) or entry["backend"] not in CPU_FORMS:
+    picks = [entry.get(k) for k in ("backend", "backend_compiled")] if entry else [None]
+    if not all(isinstance(p, str) and p in CPU_FORMS for p in picks):
         return False
-    return get_backend(entry["backend"]).available()
+    return all(get_backend(p).available() for p in picks)
 
 
 def choice(key: str) -> dict[str, Any]:
@@ -234,11 +262,13 @@ def choice(key: str) -> dict[str, Any]:
         return entry
 
 
-def choose(M: int, out_dtype: torch.dtype = torch.float32) -> str:
+def choose(M: int, out_dtype: torch.dtype = torch.float32, compiled: bool = False) -> str:
     """The CPU W8A8 form ("s8s8", "u8s8" or "onednn") for a call with M tokens writing
-    `out_dtype`: the probe's fastest eager form. Every form compiles the same way (fused quantize
-    pass and dequant epilogue around its GEMM), so the eager ranking stands for compiled calls."""
-    return CPU_FORMS[choice(probe_key(shape_class(M), out_dtype))["backend"]]
+    `out_dtype`: the probe's fastest eager linear, or for a compiled call (whose quantize pass is
+    one fused pass whatever the form) the fastest GEMM with its dequant pass. On AMX machines
+    the two differ: oneDNN's eager quantize is slow, its compiled form the fastest."""
+    entry = choice(probe_key(shape_class(M), out_dtype))
+    return CPU_FORMS[entry["backend_compiled" if compiled else "backend"]]
 
 
 def forget() -> None:

@@ -188,7 +188,7 @@ class W8A8Linear(QuantLinear):
 
     def _cpu_form(self, x: Tensor, out_dtype: torch.dtype = torch.float32) -> str:
         """"s8s8", "u8s8" or "onednn": forced by `gemm.set_cpu_kernel`, else the machine's probe."""
-        form = gemm.cpu_kernel() or backends.choose(x.shape[0], out_dtype)
+        form = gemm.cpu_kernel() or backends.choose(x.shape[0], out_dtype, self._use_compiled(x))
         if form == "u8s8" and self.in_features > gemm.MAX_K_U8:
             return "s8s8"  # the u8 accumulator would overflow int32
         return form

@@ -92,7 +92,7 @@ def test_probe_picks_an_exact_available_path_and_caches_it(cache):
 
 
 def test_cached_choice_is_reused_without_probing(cache, monkeypatch):
-    machine.store("int8/m<=512", {"backend": "int_mm_s8s8", "times_ms": {}, "excluded": {}})
+    machine.store("int8/m<=512", {"backend": "int_mm_s8s8", "backend_compiled": "int_mm_s8s8", "times_ms": {}, "excluded": {}})
     monkeypatch.setattr(backends, "probe_cpu", lambda cls: pytest.fail("probed although a valid cache entry exists"))
     assert backends.choose(300) == "s8s8"
 
@@ -123,9 +123,21 @@ def test_machine_key_depends_on_torch_version(monkeypatch):
 
 
 def test_choose_takes_the_probes_fastest_form_from_the_cache(cache, monkeypatch):
-    machine.store("int8/m>512", {"backend": "onednn_qlinear", "excluded": {},
-                                 "times_ms": {"int_mm_s8s8": 11.0, "int_mm_u8s8": 10.0, "onednn_qlinear": 9.0}})
-    monkeypatch.setattr(backends, "probe_cpu", lambda cls: pytest.fail("probed although a valid cache entry exists"))
+    """Eager calls take the fastest eager linear; compiled calls (one fused quantize pass for
+    every form) the fastest GEMM with its dequant pass, as on AMX machines where they differ."""
+    machine.store("int8/m>512", {"backend": "int_mm_s8s8", "backend_compiled": "onednn_qlinear", "excluded": {},
+                                 "times_ms": {"int_mm_s8s8": 9.0, "int_mm_u8s8": 10.0, "onednn_qlinear": 11.0}})
+    monkeypatch.setattr(backends, "probe_cpu", lambda key: pytest.fail("probed although a valid cache entry exists"))
     if not gemm.onednn_available():
         pytest.skip("no oneDNN qlinear in this torch build")
-    assert backends.choose(4096) == "onednn"
+    assert backends.choose(4096) == "s8s8"
+    assert backends.choose(4096, compiled=True) == "onednn"
+
+
+def test_a_cache_entry_without_the_compiled_choice_is_probed_again(cache, monkeypatch):
+    machine.store("int8/m>512", {"backend": "int_mm_s8s8", "excluded": {}, "times_ms": {"int_mm_s8s8": 9.0}})
+    probed = []
+    monkeypatch.setattr(backends, "probe_cpu", lambda key: probed.append(key) or
+                        {"backend": "int_mm_s8s8", "backend_compiled": "int_mm_s8s8", "times_ms": {}, "excluded": {}})
+    assert backends.choose(4096, torch.bfloat16) == "s8s8" and probed == ["m>512/bf16"]
+    assert backends.choose(4096) == "s8s8" and probed == ["m>512/bf16", "m>512"]
