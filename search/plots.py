@@ -108,6 +108,9 @@ def evaluated_rows(rows: list[dict], name: str, markers: tuple[str, ...]) -> lis
     return out
 
 
+EVALUATED = "eval/seconds"
+
+
 class Trials:
     """A search as the figures see it: per trial its number, status and evaluated series."""
 
@@ -129,8 +132,10 @@ class Trials:
             self.knee = None
         self.config_cols = sorted({k for r in run.rows for k in r if k.startswith(CONFIG_PREFIX + "recipe.")})
         present = {k for r in run.rows for k, v in r.items() if math.isfinite(_f(v))}
-        self._markers = {o.name: tuple(m for m in (f"{o.name}_seed_se", "eval/loss") if m in present)
-                         for o in run.objectives}
+        # `eval/seconds` is reported by an evaluation only; the objectives and their seed SE are
+        # carried forward between evaluations, so they mark evaluations only where it is absent
+        self._markers = {o.name: (EVALUATED,) if EVALUATED in present else
+                         tuple(m for m in (f"{o.name}_seed_se", "eval/loss") if m in present) for o in run.objectives}
         cfg = run.cfg
         self.stamp = (f"search {Path(run.dir).resolve().name} · config {_hash(cfg)} · "
                       f"schemes: {', '.join(cfg.eval.schemes) or 'none'} · tasks: {', '.join(cfg.eval.tasks)} · "
@@ -145,8 +150,9 @@ class Trials:
     def evaluations(self, t: str, name: str) -> list[dict]:
         markers = self._markers.get(name)
         if markers is None:
-            markers = tuple(m for m in (f"{name}_seed_se", "eval/loss")
-                            if any(math.isfinite(_f(r.get(m))) for r in self.run.rows))
+            present = [m for m in (EVALUATED, f"{name}_seed_se", "eval/loss")
+                       if any(math.isfinite(_f(r.get(m))) for r in self.run.rows)]
+            markers = (EVALUATED,) if EVALUATED in present else tuple(present)
         return evaluated_rows(self.rows[t], name, markers)
 
     def series(self, t: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

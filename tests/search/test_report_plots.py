@@ -6,6 +6,7 @@ the chance line and the stamp are there. Checked on the matplotlib artists, not 
 import json
 
 import numpy as np
+import pytest
 
 from rayq import config as config_io
 from rayq.search.export import SearchRun
@@ -18,7 +19,9 @@ EVAL_STEPS = {"A": [20, 50, 100], "B": [20, 50, 100], "S": [20, 50]}  # S stoppe
 WD = {"A": 0.1, "B": 0.001, "S": 0.01}
 
 
-def make_search(tmp_path):
+def make_search(tmp_path, carry_all: bool = False):
+    """`carry_all`: as `rayq search` writes its rows, every objective, its seed SE and eval/loss
+    carried forward, and only `eval/seconds` telling an evaluation's row apart."""
     d = tmp_path / "search"
     d.mkdir()
     space = "search.space={recipe.weight_decay: {choice: [0.1, 0.01, 0.001]}}"
@@ -34,7 +37,11 @@ def make_search(tmp_path):
                    "step": float(step), "train/loss": 3.0 - step / 100, "seeds": 2.0, "done": 0.0}
             if step in evals:
                 carried = {ACC: 0.3 + step / 1000 + WD[tid], KL: 0.01 * (1 + WD[tid]) * 100 / step}
-                row.update({**carried, f"{ACC}_seed_se": 0.01, f"{KL}_seed_se": 0.001, "eval/loss": 2.5})
+                markers = {f"{ACC}_seed_se": 0.01, f"{KL}_seed_se": 0.001, "eval/loss": 2.5}
+                row.update({**carried, **markers})
+                if carry_all:
+                    carried.update(markers)
+                    row["eval/seconds"] = 20.0
             else:
                 row.update(carried)  # carried forward: not a measurement
             rows.append(row)
@@ -47,8 +54,9 @@ def make_search(tmp_path):
     return d
 
 
-def test_vs_step_plots_only_evaluated_steps(tmp_path):
-    tr = Trials(SearchRun(make_search(tmp_path)))
+@pytest.mark.parametrize("carry_all", [False, True])
+def test_vs_step_plots_only_evaluated_steps(tmp_path, carry_all):
+    tr = Trials(SearchRun(make_search(tmp_path, carry_all)))
     for obj in tr.run.objectives:
         fig = plot_vs_step(tr, obj, tmp_path / f"{obj.name.replace('/', '-')}.png")
         (ax,) = fig.axes
