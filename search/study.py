@@ -209,14 +209,15 @@ def summary(rows: Sequence[dict], reading: dict, parameters: int) -> dict:
     separation in paired-seed SDs, the seeds behind it, each recipe's mean and SD per metric,
     and the data regime (tokens per parameter, epochs) of the longest run."""
     seps = reading["separations"].values()
-    tokens = max((_num(r.get("data/tokens")) or 0.0) for r in rows)
+    # data/tokens is the train split's size, data/epochs the passes over it so far
     epochs = max((_num(r.get("data/epochs")) or 0.0) for r in rows)
+    tokens = max((_num(r.get("data/tokens")) or 0.0) * (_num(r.get("data/epochs")) or 0.0) for r in rows)
     sds = [s["separation_sds"] for s in seps]
     return {"gate_passed": bool(seps) and all(s["separates"] for s in seps),
             "contrast_sd": min(sds) if sds and None not in sds else None,
             "seeds": min((s["seeds"] for s in seps), default=0),
             "ordering": reading["ordering"],
             "tokens_per_param": tokens / parameters if parameters else None,
-            "epochs": epochs, "parameters": parameters, "step": reading["step"],
+            "epochs": epochs, "tokens_seen": tokens, "parameters": parameters, "step": reading["step"],
             "metric": reading["metric"], "reference": reading["reference"], "separations": reading["separations"],
             "thresholds": reading["thresholds"]}

@@ -22,7 +22,7 @@ def _run(lr, seed, kl0, growth, losses, evals=None, **config):
     for i, loss in enumerate(losses):
         step = 100.0 * (i + 1)
         row = {"trial_id": f"t{lr}-{seed}-{sorted(config.items())}", "step": step, "config/recipe.lr": lr,
-               "config/train.seed": float(seed), "train/loss": loss, "data/tokens": step * 4096, "data/epochs": step / 1e4,
+               "config/train.seed": float(seed), "train/loss": loss, "data/tokens": 1e7, "data/epochs": step * 4096 / 1e7,
                **{f"config/{k}": v for k, v in config.items()}}
         if step % 300 == 0:
             row[KL] = kl0 * growth ** (step / 300)
