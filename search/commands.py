@@ -110,8 +110,8 @@ def study(argv: Sequence[str]) -> int:
                         help="more metrics to report beside it (default: vector-wise KL and eval/loss)")
     parser.add_argument("--reference", default=None, help="contrast: the reference recipe's label (see the regime "
                         "reading's run names); default: the recipe listed last")
-    parser.add_argument("--step", type=float, default=None, help="contrast: compare at this step (default: the last "
-                        "step every run reached)")
+    parser.add_argument("--step", type=float, default=None, help="contrast: compare at this step (default: the "
+                        "furthest step reached; runs short of it are left out)")
     parser.add_argument("--out", default=None, help="write the reading (contrast: the study's summary.json) here")
     args = parse_args(parser, argv)
     rows = study_lib.load(args.dirs)

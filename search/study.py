@@ -173,14 +173,14 @@ def mean_sd(values: Sequence[float]) -> list[Optional[float]]:
 def contrast(rows: Sequence[dict], reference: str, gate_metric: str, metrics: Sequence[str],
              step: Optional[float] = None) -> dict:
     """Gate B: each recipe against `reference` (a recipe label) on paired seeds at `step` (default:
-    the last step every run reached). Separation is reported in paired-seed SDs of the log-KL
+    the furthest step any run reached; a run short of it, still in progress, is left out). Separation is reported in paired-seed SDs of the log-KL
     difference; `ordering` holds every recipe's mean and SD per metric."""
     gate = curves(rows, gate_metric)
     labels = sorted({label for label, _ in gate})
     if reference not in labels:
         raise UserError(f"rayq study: reference recipe {reference!r} not among {labels}")
-    if step is None:
-        step = min(max(c) for c in gate.values())
+    if step is None:  # the furthest step reached: runs still short of it (in progress) drop out
+        step = max(max(c) for c in gate.values())
     ordering: dict[str, dict[str, list]] = {}
     for label in labels:
         ordering[label] = {}
