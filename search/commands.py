@@ -115,9 +115,10 @@ def study(argv: Sequence[str]) -> int:
     parser.add_argument("--out", default=None, help="write the reading (contrast: the study's summary.json) here")
     args = parse_args(parser, argv)
     rows = study_lib.load(args.dirs)
+    cfg = _saved_config(args.dirs[0])
     also = args.also or ["ptq/w8a8-vectorwise/kl", "eval/loss"]
     if args.reading == "regime":
-        doc = study_lib.regime(rows, [args.metric, *[m for m in also if "/kl" in m]], _warmup(args.dirs[0]))
+        doc = study_lib.regime(rows, [args.metric, *[m for m in also if "/kl" in m]], float(cfg.recipe.warmup_steps))
     else:
         labels = sorted({label for label, _ in study_lib.curves(rows, args.metric)})
         if not labels:
@@ -125,7 +126,9 @@ def study(argv: Sequence[str]) -> int:
 
             raise UserError(f"rayq study: no run reports {args.metric}")
         reading = study_lib.contrast(rows, args.reference or labels[-1], args.metric, also, args.step)
-        doc = study_lib.summary(rows, reading, _parameters(args.dirs[0]))
+        from rayq.model import count_parameters
+
+        doc = study_lib.summary(rows, reading, count_parameters(cfg.model))
     text = json.dumps(doc, indent=2, default=str)
     if args.out:
         from rayq.config import atomic_write_text
@@ -143,13 +146,3 @@ def _saved_config(search_dir: str):
     if not path.exists():
         raise UserError(f"{path}: missing (not a search directory)")
     return resolve(config_file=path)
-
-
-def _warmup(search_dir: str) -> float:
-    return float(_saved_config(search_dir).recipe.warmup_steps)
-
-
-def _parameters(search_dir: str) -> int:
-    from rayq.model import count_parameters
-
-    return count_parameters(_saved_config(search_dir).model)

@@ -130,10 +130,11 @@ def diverges(eval_loss: dict[float, float]) -> bool:
 def regime(rows: Sequence[dict], kl_metrics: Sequence[str], warmup_steps: float = 0.0) -> dict:
     """Gate A over the runs in `rows` (see the module docstring)."""
     train, evals = curves(rows, "train/loss"), curves(rows, "eval/loss")
+    kl_curves = {metric: curves(rows, metric) for metric in kl_metrics}
+    varying = varying_keys(rows)
     lr_of = {}
     for r in rows:
-        label = recipe_label(r, varying_keys(rows))
-        lr_of.setdefault(label, _num(r.get("config/recipe.lr")))
+        lr_of.setdefault(recipe_label(r, varying), _num(r.get("config/recipe.lr")))
     runs: dict[str, dict] = {}
     grows = True
     for (label, seed), loss in sorted(train.items()):
@@ -142,7 +143,7 @@ def regime(rows: Sequence[dict], kl_metrics: Sequence[str], warmup_steps: float 
                                "eval_diverges": diverges(evals.get((label, seed), {})),
                                "final_eval_loss": _last(evals.get((label, seed), {}))}
         for metric in kl_metrics:
-            kl = curves(rows, metric).get((label, seed), {})
+            kl = kl_curves[metric].get((label, seed), {})
             steps = sorted(kl)
             rho = spearman(steps, [kl[s] for s in steps])
             run[metric] = {"spearman_with_step": rho, "first": _first(kl), "last": _last(kl)}
@@ -181,12 +182,9 @@ def contrast(rows: Sequence[dict], reference: str, gate_metric: str, metrics: Se
         raise UserError(f"rayq study: reference recipe {reference!r} not among {labels}")
     if step is None:  # the furthest step reached: runs still short of it (in progress) drop out
         step = max(max(c) for c in gate.values())
-    ordering: dict[str, dict[str, list]] = {}
-    for label in labels:
-        ordering[label] = {}
-        for metric in [gate_metric, *metrics]:
-            c = curves(rows, metric)
-            ordering[label][metric] = mean_sd([c[k][step] for k in c if k[0] == label and step in c[k]])
+    by_metric = {metric: curves(rows, metric) for metric in [gate_metric, *metrics]}
+    ordering = {label: {metric: mean_sd([c[k][step] for k in c if k[0] == label and step in c[k]])
+                        for metric, c in by_metric.items()} for label in labels}
     separations = {}
     for label in labels:
         if label == reference:
