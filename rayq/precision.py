@@ -90,10 +90,13 @@ def fused_round() -> Optional[Callable[[torch.Tensor, torch.dtype], torch.Tensor
 
 def round_trip(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x rounded to `dtype`, returned in x's dtype: fused for large tensors, eager otherwise."""
-    if x.numel() >= FUSED_ROUNDING_MIN_NUMEL and x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if (x.numel() >= FUSED_ROUNDING_MIN_NUMEL and x.device.type == "cpu" and x.is_contiguous()
+            and not torch.compiler.is_compiling()):
         fn = fused_round()
         if fn is not None:
-            return fn(x, dtype)
+            # one flat view: every rank and shape shares one dynamic graph per dtype pair
+            # (a graph per rank hit dynamo's recompile limit and fell back to eager mid-run)
+            return fn(x.view(-1), dtype).view(x.shape)
     return _eager_round(x, dtype)
 
 

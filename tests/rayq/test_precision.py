@@ -132,6 +132,15 @@ def test_fused_rounding_agrees_with_native_on_overflow_and_underflow(monkeypatch
     torch.testing.assert_close(precision.round_trip(x, torch.float16), x.half().float(), rtol=0, atol=0)
     assert torch.isinf(precision.round_trip(x, torch.float16)[:n]).all()
     assert (precision.round_trip(x, torch.float16)[n:2 * n] == 0).all()
+    # every rank and shape reuses the one fp16 graph: a graph per rank hit dynamo's
+    # recompile limit mid-training and silently fell back to the eager casts
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    for shape in [(n // 256, 256), (4, n // 512, 128), (2, 4, n // 1024, 128), (n + 17,)]:
+        y = torch.randn(shape) * 1e4
+        assert torch.equal(precision.round_trip(y, torch.float16), y.half().float())
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("ln_fp32", [True, False])
