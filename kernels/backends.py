@@ -18,7 +18,10 @@ Paths (device: name):
 - cpu: `int_mm_s8s8` (`torch._int_mm` s8 x s8), `int_mm_u8s8` (u8 x s8 with the 128 * colsum(W)
   zero-point correction in int32), `onednn_qlinear` (`torch.ops.onednn.qlinear_pointwise` on a
   prepacked s8 weight, u8 activation with zero point 128, the per-channel weight scale fused into
-  the GEMM's fp32 or bf16 output; the per-token scale and the bias follow in place).
+  the GEMM's fp32 or bf16 output; the per-token scale and the bias follow in place),
+  `fp32_exact` (the codes multiplied by the fp32 GEMM in K-chunks whose partial sums stay exact
+  integers: the fast exact path on CPUs without VNNI, where `_int_mm` is a scalar loop and oneDNN's
+  u8 x s8 kernel saturates; never used while fp32 matmuls may run in bf16/tf32).
   Large calls of every path run the torch.compile-fused quantize/dequant around the GEMM
   (`rayq.kernels.quantize.AUTO_COMPILE_WORK`).
 - cuda: `cuda_int_mm` (`_int_mm` with zero padding to its M > 16, K, N multiple-of-8 rules).
@@ -103,6 +106,9 @@ register_backend(Int8Backend("int_mm_u8s8", "cpu", gemm.supports_u8, lambda a, w
                              "torch._int_mm u8 x s8 -> s32, minus 128 * colsum(W)"))
 register_backend(Int8Backend("onednn_qlinear", "cpu", gemm.onednn_available, _onednn_gemm,
                              "oneDNN qlinear_pointwise, prepacked s8 weight, u8 activation, dequant fused, fp32 out"))
+register_backend(Int8Backend("fp32_exact", "cpu", gemm.fp32_gemm_is_ieee,
+                             lambda a, w: gemm.f32_exact_mm(a.float(), w.float().t()),
+                             "integer codes through the fp32 GEMM in K-chunks of 1024 (partial sums exact below 2^24)"))
 register_backend(Int8Backend("cuda_int_mm", "cuda", _cuda_available, lambda a, w: gemm.int8_mm(a, w),
                              "torch._int_mm on CUDA, zero-padded to M > 16 and K, N multiples of 8"))
 register_backend(Int8Backend("xla_dot", "xla", _xla_available, lambda a, w: gemm.int8_mm(a, w),
@@ -111,7 +117,7 @@ register_backend(Int8Backend("fp64", "any", lambda: True, lambda a, w: (a.double
                              "integer codes multiplied in float64 (exact below 2^53)"))
 
 # CPU W8A8 linear form behind each CPU backend (see rayq.kernels.quantize.W8A8Linear)
-CPU_FORMS = {"int_mm_s8s8": "s8s8", "int_mm_u8s8": "u8s8", "onednn_qlinear": "onednn"}
+CPU_FORMS = {"int_mm_s8s8": "s8s8", "int_mm_u8s8": "u8s8", "onednn_qlinear": "onednn", "fp32_exact": "f32"}
 
 
 # --------------------------------------------------------------------------- checks
@@ -138,6 +144,20 @@ def check_exact(backend: Int8Backend, shapes=EXACT_SHAPES, device: str = "cpu") 
         if not ok:
             return f"not bit-exact vs the int64 reference at {M}x{K}x{N}"
     return None
+
+
+_form_checks: dict[str, Optional[str]] = {}
+
+
+def inexact_reason(form: str) -> Optional[str]:
+    """Why the CPU W8A8 `form` is not usable on this machine (not in this build, or not bit-exact:
+    oneDNN's u8 x s8 kernel saturates its pair sums on CPUs without VNNI), None when it is;
+    checked once per process. Forcing a form (`gemm.set_cpu_kernel`) bypasses the probe: this is
+    what tests and benches ask first."""
+    if form not in _form_checks:
+        backend = get_backend(next(name for name, f in CPU_FORMS.items() if f == form))
+        _form_checks[form] = "not available in this torch build" if not backend.available() else check_exact(backend)
+    return _form_checks[form]
 
 
 def shape_class(M: int) -> str:
@@ -173,6 +193,10 @@ def _linear_runner(form: str, M: int, K: int, N: int, bf16: bool = False) -> Cal
         packed = gemm.onednn_prepack(w, M)
         out = torch.bfloat16 if bf16 else torch.float32
         return lambda: gemm.w8a8_onednn(x, packed, w_scale, bias, None, None, False, out)
+    if form == "f32":
+        wf = w.float()
+        run = lambda: gemm.w8a8_f32(x, wf, w_scale, bias, None, None, False)[0]  # noqa: E731
+        return (lambda: run().to(torch.bfloat16)) if bf16 else run
     comp = w.sum(1, dtype=torch.int32) * 128 if form == "u8s8" else None
     if bf16:
         return lambda: gemm.w8a8_core(x, w, w_scale, bias, None, None, False, comp)[0].to(torch.bfloat16)
@@ -192,6 +216,9 @@ def _gemm_runner(form: str, M: int, K: int, N: int, bf16: bool = False) -> Calla
         xu8 = xq.view(torch.uint8) ^ 128
         out = torch.bfloat16 if bf16 else torch.float32
         return lambda: gemm.onednn_qlinear(xu8, packed, w_scale, out).mul_(token_scale)
+    if form == "f32":
+        xf, wf = xq.float(), w.float()
+        return lambda: gemm.f32_exact_mm(xf, wf.t()).mul_(token_scale * w_scale)
     if form == "u8s8":
         xu8, comp = xq.view(torch.uint8) ^ 128, w.sum(1, dtype=torch.int32) * 128
         return lambda: torch._int_mm(xu8, w.t()).sub_(comp) * (token_scale * w_scale)
@@ -233,7 +260,7 @@ def probe_cpu(key: str, rounds: int = PROBE_ROUNDS) -> dict[str, Any]:
     usable_gemm = {k: v for k, v in gemm_med.items() if k not in excluded}
     best = min(usable, key=usable.get) if usable else "int_mm_s8s8"
     best_compiled = min(usable_gemm, key=usable_gemm.get) if usable_gemm else best
-    return {"backend": best, "backend_compiled": best_compiled, "shape": [M, K, N], "bf16_io": bf16,
+    return {"backend": best, "backend_compiled": best_compiled, "candidates": _candidates(), "shape": [M, K, N], "bf16_io": bf16,
             "times_ms": med, "gemm_times_ms": gemm_med, "excluded": excluded,
             "threads": torch.get_num_threads(), "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -243,10 +270,19 @@ _memo_lock = threading.Lock()
 
 
 def _valid(entry: Optional[dict[str, Any]]) -> bool:
+    """A cached entry is used when its picks are known, available paths and it weighed every path
+    available now (one probed before a path existed, or was available, is probed again)."""
     picks = [entry.get(k) for k in ("backend", "backend_compiled")] if entry else [None]
     if not all(isinstance(p, str) and p in CPU_FORMS for p in picks):
         return False
+    weighed = entry.get("candidates")
+    if not isinstance(weighed, list) or not set(_candidates()) <= set(weighed):
+        return False
     return all(get_backend(p).available() for p in picks)
+
+
+def _candidates() -> list[str]:
+    return sorted(b.name for b in list_backends("cpu"))
 
 
 def choice(key: str) -> dict[str, Any]:

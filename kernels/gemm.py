@@ -16,6 +16,11 @@ Devices
   `quantized_matmul(quantize_activation=True)` emits); if that binding is absent, an int32 matmul
   (exact, wider operands).
 - anything else: fp64 matmul of the integer codes (exact while |acc| < 2^53, always true here).
+- cpu, without a fast integer GEMM: the codes multiplied by the fp32 GEMM (`f32_exact_mm`): with
+  |code| <= 128 every partial sum of a K-chunk of 1024 is an integer below 2^24, which fp32 holds
+  exactly whatever the summation order, so the result is the int32 accumulator's, bit for bit.
+  On CPUs without VNNI (AVX2 only) `_int_mm` runs a scalar loop, ~80x slower than fp32 (measured on
+  an AVX2 EPYC) and oneDNN's u8 x s8 kernel saturates (not exact): there this is the fast path.
 
 INT32 overflow: with codes in [-127, 127], |acc| <= 127 * 127 * K <= 2^31 - 1 for K <= 133,144
 (s8 x s8); the u8 form reaches 255 * 127 * K, safe for K <= 66,311. `int8_mm` accepts any int8
@@ -47,7 +52,9 @@ _SPLIT_K_U8 = (2**31 - 1) // (255 * 128)  # 65,793
 # absmax floor: keeps 127 / absmax finite in fp32 (an all-zero row quantizes to zeros, not NaN)
 EPS_ABSMAX = 1e-12
 
-_KERNELS = ("s8s8", "u8s8", "onednn")
+_KERNELS = ("s8s8", "u8s8", "onednn", "f32")
+# |code| <= 128: 128 * 128 * 1024 = 2^24, so every partial sum of a chunk is an exact fp32 integer
+F32_EXACT_K = 1024
 # None: the W8A8 modules use the form `rayq.kernels.backends` measured fastest on this machine
 _default_kernel: dict[str, Optional[str]] = {"cpu": None}
 
@@ -73,8 +80,21 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available()
 
 
+def fp32_gemm_is_ieee() -> bool:
+    """Whether CPU fp32 matmuls run in IEEE fp32, on which the f32 form's exactness rests: not where
+    `torch.set_float32_matmul_precision("high"/"medium")` or mkldnn's `fp32_precision` lets oneDNN
+    compute fp32 GEMMs in bf16 or tf32."""
+    try:
+        mkldnn = torch.backends.mkldnn.matmul.fp32_precision
+    except AttributeError:
+        mkldnn = "none"
+    if mkldnn != "none":
+        return mkldnn == "ieee"
+    return torch.get_float32_matmul_precision() == "highest"
+
+
 def set_cpu_kernel(kernel: Optional[str]) -> None:
-    """Force the CPU W8A8 form ("s8s8", "u8s8" or "onednn"), or None to let the per-machine probe
+    """Force the CPU W8A8 form ("s8s8", "u8s8", "onednn" or "f32"), or None to let the per-machine probe
     (`rayq.kernels.backends`) choose; the bench measures every form."""
     if kernel is not None and kernel not in _KERNELS:
         raise ValueError(f"cpu kernel must be one of {_KERNELS} or None (probe), got {kernel!r}")
@@ -82,6 +102,8 @@ def set_cpu_kernel(kernel: Optional[str]) -> None:
         raise ValueError(f"torch {torch.__version__}: CPU _int_mm does not take uint8 operands; use s8s8")
     if kernel == "onednn" and not onednn_available():
         raise ValueError(f"torch {torch.__version__}: no oneDNN qlinear_pointwise in this build; use s8s8")
+    if kernel == "f32" and not fp32_gemm_is_ieee():
+        raise ValueError("fp32 matmuls may run in bf16/tf32 here (float32 matmul precision): the f32 form would not be exact")
     _default_kernel["cpu"] = kernel
 
 
@@ -158,6 +180,26 @@ def int8_mm(a: Tensor, w: Tensor, *, kernel: Optional[str] = None) -> Tensor:
         return _xla_int_mm(a, w)
     acc = a.to(torch.float64) @ w.to(torch.float64).t()
     return acc.to(torch.int64)
+
+
+def f32_exact_mm(a: Tensor, w_t: Tensor) -> Tensor:
+    """Exact X_q @ W_q^T on the fp32 GEMM: a fp32 [M, K] and w_t fp32 [K, N] holding integer codes in
+    [-128, 127] -> fp32 [M, N], the value the int32 accumulator takes when converted to fp32 (what
+    every dequant epilogue multiplies). K-chunks of `F32_EXACT_K` keep each GEMM's partial sums exact;
+    past one chunk they are added in fp64 (exact) and rounded to fp32 once. Needs IEEE fp32 GEMMs
+    (`fp32_gemm_is_ieee`)."""
+    # aten's mm with autocast off: autocast would run it in bf16, and a __torch_function__ mode
+    # (rayq's emulated half precision) would round its output; either loses the exact integers
+    mm = torch.ops.aten.mm.default
+    with torch.autocast(a.device.type, enabled=False):
+        K = a.shape[1]
+        if K <= F32_EXACT_K:
+            return mm(a, w_t)
+        acc = None
+        for k in range(0, K, F32_EXACT_K):
+            part = mm(a[:, k : k + F32_EXACT_K], w_t[k : k + F32_EXACT_K]).double()
+            acc = part if acc is None else acc.add_(part)
+        return acc.float()
 
 
 def int_mm_reference(a: Tensor, w: Tensor) -> Tensor:
@@ -277,6 +319,29 @@ def w8a8_core(
     if bias is not None:
         out.add_(bias)
     # a static scale hides NaN/inf from the absmax, so take the (fusable) max |x| for the check
+    check = absmax if act_absmax is None else torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32)
+    return out, check
+
+
+def w8a8_f32(
+    x: Tensor,
+    wf: Tensor,
+    w_scale: Tensor,
+    bias: Optional[Tensor],
+    in_scale: Optional[Tensor],
+    act_absmax: Optional[Tensor],
+    per_tensor_act: bool,
+) -> tuple[Tensor, Tensor]:
+    """`w8a8_core` with the integer GEMM run exactly on the fp32 GEMM (`f32_exact_mm`): wf is the
+    int8 weight's codes as fp32 [N, K]. The activation codes are already integers in fp32, so no
+    int8 conversion pass is needed; the dequant is `w8a8_core`'s, in the same order: the same
+    output bits as the int32 paths."""
+    x, t, absmax = _activation_codes(x, in_scale, act_absmax, per_tensor_act)
+    out = f32_exact_mm(t, wf.t())
+    out.mul_(absmax / QMAX8)
+    out.mul_(w_scale)
+    if bias is not None:
+        out.add_(bias)
     check = absmax if act_absmax is None else torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32)
     return out, check
 

@@ -7,9 +7,9 @@ One verb, many configs (torchao): each scheme type has a handler registered with
 Quantized modules are for inference: their weights are int8 buffers (no gradients), the forward
 runs under no_grad, and `backend` picks the arithmetic:
 - "auto": the device's integer kernel; on CPU the path `rayq.kernels.backends` measured fastest
-  on this machine for the call's shape class (`_int_mm` s8s8 / u8s8 or oneDNN's prepacked
-  qlinear); the `_int_mm` paths on CPU/CUDA run the compiled (fused quantize/dequant) form when a
-  call is big enough to repay it (see AUTO_COMPILE_WORK), eager otherwise;
+  on this machine for the call's shape class (`_int_mm` s8s8 / u8s8, oneDNN's prepacked qlinear,
+  or the exact fp32-GEMM form); the integer paths run compiled (fused quantize/dequant) when a
+  call is big enough to repay it (AUTO_COMPILE_WORK), eager otherwise;
 - "eager": the same path choice, never compiled; "compiled": always the compiled `_int_mm` form;
 - "reference": the fp64 path of the same math (`rayq.kernels.gemm.*_reference`), the yardstick.
 """
@@ -187,10 +187,12 @@ class W8A8Linear(QuantLinear):
         return hit[1]
 
     def _cpu_form(self, x: Tensor, out_dtype: torch.dtype = torch.float32) -> str:
-        """"s8s8", "u8s8" or "onednn": forced by `gemm.set_cpu_kernel`, else the machine's probe."""
+        """"s8s8", "u8s8", "onednn" or "f32": forced (`gemm.set_cpu_kernel`), else the machine's probe."""
         form = gemm.cpu_kernel() or backends.choose(x.shape[0], out_dtype, self._use_compiled(x))
         if form == "u8s8" and self.in_features > gemm.MAX_K_U8:
             return "s8s8"  # the u8 accumulator would overflow int32
+        if form == "f32" and not gemm.fp32_gemm_is_ieee():
+            return "s8s8"  # fp32 matmul precision lowered since the probe: no longer exact
         return form
 
     def _compensation(self, form: str) -> Optional[Tensor]:
@@ -211,11 +213,13 @@ class W8A8Linear(QuantLinear):
 
     def _fast(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
         form = self._cpu_form(x, out_dtype) if x.device.type == "cpu" else "s8s8"
-        if form == "onednn":
+        if form == "f32":  # one GEMM call and in-place passes: nothing for a compile to fuse
+            eager, compiled, args = gemm.w8a8_f32, None, (x, self._cached("f32", self.qweight.float), *self._args()[1:])
+        elif form == "onednn":
             eager, compiled, args = gemm.w8a8_onednn, gemm.compiled_w8a8_onednn, self._onednn_args(x, out_dtype)
         else:
             eager, compiled, args = gemm.w8a8_core, gemm.compiled_w8a8_core, (x, *self._args(), self._compensation(form))
-        fn = compiled() if self._use_compiled(x) else None
+        fn = compiled() if compiled and self._use_compiled(x) else None
         result = None
         if fn is not None:
             try:

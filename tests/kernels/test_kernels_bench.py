@@ -27,7 +27,7 @@ def test_quick_bench_json_records_machine_choice_and_both_allocators(capsys, mon
         for row in leg["linear"]:
             assert {"fp32_ms", "bf16_ms", "w8a8_auto_ms", "w8a8_s8s8_eager_ms", "int_mm_s8s8_ms",
                     "speedup_vs_fp32", "speedup_vs_bf16", "auto_form"} <= set(row)
-            assert row["w8a8_auto_ms"] > 0 and row["auto_form"] in ("s8s8", "u8s8", "onednn")
+            assert row["w8a8_auto_ms"] > 0 and row["auto_form"] in ("s8s8", "u8s8", "onednn", "f32")
             assert row["shape_class"] in chosen  # the choice the timed module used is in the JSON
     for entry in out["env"]["backends"]["cpu_choices"].values():
         if entry:

@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rayq.kernels import gemm, quantize_, set_backend
+from rayq.kernels import backends, gemm, quantize_, set_backend
 from rayq.kernels.quantize import output_dtype
 
-FORMS = ["s8s8", "u8s8", "onednn"]
+FORMS = ["s8s8", "u8s8", "onednn", "f32"]
 
 
 def _available(form: str) -> bool:
-    return not ((form == "u8s8" and not gemm.supports_u8()) or (form == "onednn" and not gemm.onednn_available()))
+    return backends.inexact_reason(form) is None
 
 
 def _forced(module, form, x, autocast: bool):
@@ -44,7 +44,7 @@ def test_bf16_activations_give_the_fp32_path_rounded_to_bf16(form, autocast):
     rounding of the dequantized values only (oneDNN rounds in its epilogue, then the token scale
     rounds again: two roundings at most)."""
     if not _available(form):
-        pytest.skip(f"{form} not available in this torch build")
+        pytest.skip(f"{form}: {backends.inexact_reason(form)}")
     torch.manual_seed(0)
     lin = torch.nn.Sequential(torch.nn.Linear(131, 45))
     x = torch.randn(37, 131).bfloat16()
