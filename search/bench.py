@@ -2,6 +2,7 @@
 
     rayq bench search --offline --seeds 200 --json [--plot FILE]     # the figure (Ray-free)
     rayq bench search [--seeds 20] [--quick]                          # Tune mode: confirms it
+    rayq bench search --replay DIR [DIR ...] --seeds 200 --json       # over recorded curves
 
 Each simulated search runs the paper-axes grid (11 recipes of Table A.3, 75000 steps, an
 evaluation every 5000; `simulate.py` for the curves and noise, `offline.py` for the strategies)
@@ -21,6 +22,9 @@ p for dominance, η for the ASHA family), `noise_sweep` (0.25x-2x the simulator'
 `late_reranking` (a third of the recipes' degradation jumps during the LR decay),
 `equal_compute` (the dominance curve interpolated at each baseline's own compute) and
 `targets`. `--plot FILE` draws compute vs knee recovery and HV regret (PNG).
+
+Replay (`--replay`, `replay.py`): the same strategies over the curves real `rayq search` runs
+recorded, scored at their recorded final values (seed means); the output's `replay` key.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import sys
@@ -36,6 +39,7 @@ import time
 from typing import Sequence
 
 from rayq.errors import UserError
+from rayq.search.outcomes import summarise
 
 DEFAULT_P = 0.9  # search.stop_confidence default, chosen from the curves (see README)
 TARGET = {"knee_min": 0.90, "compute_max": 0.50, "pick_truly_pareto_min": 0.85, "pick_compute": 0.25}
@@ -45,7 +49,7 @@ NOISE_SCALES = (0.25, 0.5, 1.0, 2.0)
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayq bench search", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print the JSON only (default: JSON plus a table on stderr)")
-    p.add_argument("--seeds", type=int, default=None, help="simulated searches per strategy (default: offline 200, "
+    p.add_argument("--seeds", type=int, default=None, help="searches per strategy (default: offline and replay 200, "
                    "Tune 20; --quick 1)")
     p.add_argument("--quick", action="store_true", help="one seed, four strategies, no curves: a smoke run")
     p.add_argument("--offline", action="store_true", help="no Ray: the lockstep loop with the real scheduler classes")
@@ -56,56 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=1.0, help="scale of all simulated noise")
     p.add_argument("--no-curves", action="store_true", help="offline: only the default points (no dial sweeps)")
     p.add_argument("--plot", default=None, help="write the compute-vs-quality curves to this PNG (offline)")
+    p.add_argument("--replay", nargs="+", metavar="DIR", default=None,
+                   help="replay the evaluations recorded in these search directories (no simulator)")
     p.add_argument("--per-search", type=int, default=8, help="concurrent trials of one search (its workers)")
     return p
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    """Wilson score interval of a binomial rate."""
-    if n == 0:
-        return [math.nan, math.nan]
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
-
-
-def bootstrap(values: Sequence[float], samples: int = 2000, seed: int = 0) -> list[float]:
-    """Percentile bootstrap 95% interval of a mean."""
-    import numpy as np
-
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        return [math.nan, math.nan]
-    idx = np.random.default_rng(seed).integers(0, x.size, (samples, x.size))
-    means = x[idx].mean(axis=1)
-    return [round(float(np.quantile(means, 0.025)), 4), round(float(np.quantile(means, 0.975)), 4)]
-
-
-def summarise(outcomes: list) -> dict:
-    import numpy as np
-
-    n = len(outcomes)
-    frac = [o.fraction for o in outcomes]
-    knee = sum(o.has_knee for o in outcomes)
-    pick = sum(o.pick_truly_pareto for o in outcomes)
-    hv = [o.hv_regret for o in outcomes]
-    rec = [o.front_recall for o in outcomes]
-    return {
-        "compute_fraction": round(float(np.mean(frac)), 4),
-        "compute_fraction_ci": bootstrap(frac),
-        "recovered_knee": round(knee / n, 4),
-        "recovered_knee_ci": wilson(knee, n),
-        "pick_truly_pareto": round(pick / n, 4),
-        "pick_truly_pareto_ci": wilson(pick, n),
-        "hv_regret": round(float(np.mean(hv)), 4),
-        "hv_regret_ci": bootstrap(hv),
-        "front_recall": round(float(np.mean(rec)), 4),
-        "front_recall_ci": bootstrap(rec),
-        "front_size": round(float(np.mean([len(o.front) for o in outcomes])), 2),
-        "completed_recipes": round(float(np.mean([len(o.completed) for o in outcomes])), 2),
-        "seeds": n,
-    }
 
 
 def _offline(strategy, seeds, *, noise: float, late: bool = False, per_search: int = 8) -> dict:
@@ -276,12 +234,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--eta: expected > 1, got {args.eta}")
     if args.noise < 0:
         raise UserError(f"--noise: expected >= 0, got {args.noise}")
-    n = args.seeds if args.seeds is not None else (1 if args.quick else 200 if args.offline else 20)
+    n = args.seeds if args.seeds is not None else (1 if args.quick else 200 if args.offline or args.replay else 20)
     if n < 1:
         raise UserError(f"--seeds: expected >= 1, got {n}")
     if args.plot and not args.offline:
         raise UserError("--plot: curves are drawn from the offline benchmark; add --offline")
     seeds = list(range(n))
+    if args.replay:
+        if args.offline or args.strategies:
+            raise UserError("--replay: runs its own strategies offline; drop --offline and --strategies")
+        return _replay(args, seeds)
 
     t0 = time.time()
     print(f"[bench search] {n} seeds x ({', '.join(families)}), "
@@ -327,6 +289,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {s:22s} compute {r['compute_fraction']:.3f}  knee {r['recovered_knee']:.2f} "
                   f"{r['recovered_knee_ci']}  pick {r['pick_truly_pareto']:.2f}  hv {r['hv_regret']:.3f}  "
                   f"recall {r['front_recall']:.2f}", file=sys.stderr)
+    return 0
+
+
+def _replay(args: argparse.Namespace, seeds: Sequence[int]) -> int:
+    from rayq.search import replay
+
+    t0 = time.time()
+    print(f"[bench search] replay of {', '.join(args.replay)}: {len(seeds)} searches per strategy", file=sys.stderr)
+    body = replay.run_replay_bench(args.replay, seeds, p=args.p, eta=args.eta, per_search=args.per_search,
+                                   curves=not (args.no_curves or args.quick),
+                                   progress=lambda m: print(f"[bench search] {m}", file=sys.stderr, flush=True))
+    result = {"benchmark": "search", "replay": body,
+              "timing": {"runner": "offline lockstep loop (no Ray) over recorded evaluations, real scheduler classes",
+                         "total_s": round(time.time() - t0, 1)},
+              "machine": {"cpus": _cpus(), "python": platform.python_version()}}
+    print(json.dumps(result, indent=None if args.json else 2))
+    if not args.json:
+        for s, r in body["strategies"].items():
+            stops = ", ".join(f"{k} @{v['step']}" for k, v in r["most_common_outcome"]["stopped"].items()) or "none"
+            print(f"  {s:12s} compute {r['compute_fraction']:.3f}  knee {r['recovered_knee']:.2f} "
+                  f"{r['recovered_knee_ci']}  stopped: {stops}", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,7 @@ baselines) that `rayq search` hands to Tune. Tune mode (`simulate_tune.run_tune`
 One search: the 11 recipes of the paper-axes grid (`simulate.grid_order`, shuffled per search)
 start in that order, at most `max_concurrent` trials at once; every tick each running trial
 delivers its next report (in a random order within the tick) and gets the scheduler's decision.
+That loop (`run_trials`) also drives `replay.py`, which feeds it curves real trials recorded.
 
 Strategies (`STRATEGIES`; each has one dial, swept by the benchmark):
 - `dominance` (what `rayq search` uses by default: `rule: dominance`): stop when dominated beyond
@@ -32,13 +33,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
 from rayq.search import simulate as sim
 
-__all__ = ["Strategy", "STRATEGIES", "DIALS", "make_scheduler", "run_offline", "PILOT_RECIPES", "PILOT_SEEDS"]
+__all__ = ["Strategy", "STRATEGIES", "DIALS", "make_scheduler", "run_offline", "run_trials", "PILOT_RECIPES",
+           "PILOT_SEEDS"]
 
 STRATEGIES = ("dominance", "dominance-pilot", "dominance-sync", "moasha", "weighted-asha", "no-stopping")
 DIALS = {  # the dial each strategy is swept over in the benchmark's curves
@@ -99,6 +101,9 @@ def make_scheduler(strategy: Strategy) -> Any:
     raise ValueError(f"unknown strategy {f!r} (known: {', '.join(STRATEGIES)})")
 
 
+Entry = tuple[str, Iterator[dict], str, bool]  # trial name, its reports, recipe id, the recipe's main trial
+
+
 def run_offline(strategy: Strategy, sim_seed: int, *, max_concurrent: int = 8, noise: float = 1.0,
                 late: bool = False, scheduler: Any = None) -> sim.SearchOutcome:
     """One simulated search under `strategy`; scored at the recipes' true values."""
@@ -115,16 +120,29 @@ def run_offline(strategy: Strategy, sim_seed: int, *, max_concurrent: int = 8, n
         return iter([{**x, "weighted": x[sim.ACC] + weight * x[sim.DEG]} for x in reps
                      if upto is None or x["step"] <= upto])
 
-    def trial(name):
-        return SimpleNamespace(trial_id=name, config={}, status="PENDING")
-
-    pending = []  # (trial, report iterator, recipe id, is the recipe's main trial)
+    trials: list[Entry] = []
     for k, r in enumerate(order):
-        pending.append((trial(f"{sim_seed}_{k}"), reports(r, sim._seed(sim_seed, k)), r.recipe_id, True))
+        trials.append((f"{sim_seed}_{k}", reports(r, sim._seed(sim_seed, k)), r.recipe_id, True))
         if strategy.pilot and k < PILOT_RECIPES:
             for e in range(PILOT_SEEDS):
-                pending.append((trial(f"{sim_seed}_{k}_pilot{e}"),
-                                reports(r, sim._seed(sim_seed, k, "pilot", e), FIRST_MILESTONE), r.recipe_id, False))
+                pilot = reports(r, sim._seed(sim_seed, k, "pilot", e), FIRST_MILESTONE)
+                trials.append((f"{sim_seed}_{k}_pilot{e}", pilot, r.recipe_id, False))
+    finals, stopped, spent = run_trials(scheduler, trials, rng, max_concurrent=max_concurrent,
+                                        total_steps=sim.TOTAL_STEPS, label=strategy.label)
+    return sim.score_search(sim_seed, strategy.label, finals, stopped, spent=spent)
+
+
+def run_trials(scheduler: Any, trials: Sequence[Entry], rng: np.random.Generator, *, max_concurrent: int,
+               total_steps: int, label: str = "search") -> tuple[list[dict], set, int]:
+    """Drive `scheduler` over `trials` as Tune's controller would, in lockstep: trials start in the
+    given order, at most `max_concurrent` at once; every tick each running trial delivers its next
+    report (in an `rng` order within the tick) and gets the scheduler's decision.
+
+    Returns (finals: the last report of every main trial, with its `recipe_id`; stopped: the
+    recipe ids whose main trial was stopped before `total_steps`; spent: trial-steps of all trials).
+    """
+    pending = [(SimpleNamespace(trial_id=name, config={}, status="PENDING"), it, rid, main)
+               for name, it, rid, main in trials]
     running: list = []
     paused: dict = {}  # trial id -> its running entry, held by a synchronous rung (PAUSE)
     finals: list = []
@@ -150,7 +168,7 @@ def run_offline(strategy: Strategy, sim_seed: int, *, max_concurrent: int = 8, n
         for tid in [t for t, e in paused.items() if e[4].get("done")]:  # stopped while held
             running.append(paused.pop(tid))
         if not running and paused:
-            raise RuntimeError(f"{strategy.label}: every trial is held at a rung that is never judged")
+            raise RuntimeError(f"{label}: every trial is held at a rung that is never judged")
         for idx in rng.permutation(len(running)).tolist():
             trial, it, rid, main, last = running[idx]
             if last.get("done"):
@@ -172,7 +190,7 @@ def run_offline(strategy: Strategy, sim_seed: int, *, max_concurrent: int = 8, n
             if last.pop("paused", False) and not last.get("done"):
                 paused[trial.trial_id] = (trial, it, rid, main, last)
             elif last.get("done"):
-                if main and int(last["step"]) < sim.TOTAL_STEPS and scheduler_stopped(scheduler, trial):
+                if main and int(last["step"]) < total_steps and scheduler_stopped(scheduler, trial):
                     stopped.add(rid)
                 scheduler.on_trial_complete(None, trial, last)
                 spent += int(last.get("step", 0))
@@ -181,7 +199,7 @@ def run_offline(strategy: Strategy, sim_seed: int, *, max_concurrent: int = 8, n
             else:
                 still.append((trial, it, rid, main, last))
         running = still
-    return sim.score_search(sim_seed, strategy.label, finals, stopped, spent=spent)
+    return finals, stopped, spent
 
 
 def scheduler_stopped(scheduler: Any, trial: Any) -> bool:

@@ -48,6 +48,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from rayq.search.objectives import parse_objectives
 from rayq.search.pareto import pareto_front, select_top
 from rayq.search.space import paper_axes_variants, recipe_label
 
@@ -57,6 +58,12 @@ __all__ = [
     "paper_recipes",
     "true_front",
     "knee",
+    "paper_truth",
+    "front_of",
+    "knee_of",
+    "true_hv",
+    "score_against",
+    "score_search",
     "trial_reports",
     "simulated_trainable",
     "OBJECTIVES",
@@ -135,17 +142,34 @@ def paper_recipes() -> list[SimRecipe]:
     return list(out.values())
 
 
+def paper_truth(recipes: Sequence[SimRecipe] | None = None) -> dict[str, tuple[float, float]]:
+    """recipe id -> its noise-free final (accuracy, degradation), in `OBJECTIVES` order."""
+    return {r.recipe_id: (r.acc, r.deg) for r in (recipes or paper_recipes())}
+
+
 def true_front(recipes: Sequence[SimRecipe] | None = None) -> list[str]:
-    recipes = list(recipes or paper_recipes())
-    rows = [{ACC: r.acc, DEG: r.deg} for r in recipes]
-    return [recipes[i].recipe_id for i in pareto_front(rows, OBJECTIVES)]
+    return front_of(paper_truth(recipes), OBJECTIVES)
 
 
 def knee(recipes: Sequence[SimRecipe] | None = None) -> str:
     """The front member closest to the utopia point after min-max scaling over the front."""
-    recipes = list(recipes or paper_recipes())
-    rows = [{ACC: r.acc, DEG: r.deg} for r in recipes]
-    return recipes[select_top(rows, OBJECTIVES, 1, "knee")[0]].recipe_id
+    return knee_of(paper_truth(recipes), OBJECTIVES)
+
+
+def _truth_rows(truth: Mapping[str, Sequence[float]], objectives: Sequence[str]) -> tuple[list[str], list[dict]]:
+    names = [o.name for o in parse_objectives(list(objectives))]
+    return list(truth), [dict(zip(names, values)) for values in truth.values()]
+
+
+def front_of(truth: Mapping[str, Sequence[float]], objectives: Sequence[str]) -> list[str]:
+    """The Pareto front of `truth` (recipe -> true values in `objectives` order)."""
+    ids, rows = _truth_rows(truth, objectives)
+    return [ids[i] for i in pareto_front(rows, objectives)]
+
+
+def knee_of(truth: Mapping[str, Sequence[float]], objectives: Sequence[str]) -> str:
+    ids, rows = _truth_rows(truth, objectives)
+    return ids[select_top(rows, objectives, 1, "knee")[0]]
 
 
 def _seed(*parts: Any) -> int:
@@ -258,11 +282,50 @@ class SearchOutcome:
         return self.trial_steps / self.grid_steps
 
 
-def _true_hv(ids: Sequence[str]) -> float:
+def true_hv(ids: Sequence[str], truth: Mapping[str, Sequence[float]], objectives: Sequence[str],
+            reference: Sequence[float]) -> float:
+    """Hypervolume of the recipes `ids` at their true values above `reference` (raw orientation);
+    two objectives, min ones negated so that both are maximised."""
     from rayq.search.pareto import hypervolume_2d
 
-    truth = {r.recipe_id: (r.acc, r.deg) for r in paper_recipes()}
-    return hypervolume_2d([truth[i] for i in ids], HV_REFERENCE)
+    objs = parse_objectives(list(objectives))
+    if len(objs) != 2:
+        raise ValueError(f"hypervolume: expected 2 objectives, got {len(objs)}")
+    up = [-o.direction.sign for o in objs]
+    return hypervolume_2d([[u * v for u, v in zip(up, truth[i])] for i in ids], [u * r for u, r in zip(up, reference)])
+
+
+def score_against(
+    truth: Mapping[str, Sequence[float]],
+    objectives: Sequence[str],
+    hv_reference: Sequence[float],
+    sim_seed: int,
+    strategy: str,
+    finals: Sequence[Mapping[str, Any]],
+    stopped: Optional[set] = None,
+    total_steps: int = TOTAL_STEPS,
+    spent: Optional[int] = None,
+) -> SearchOutcome:
+    """Score one search at the recipes' true values (`truth`: recipe id -> values in `objectives`
+    order, the recipe ids the finals carry). finals: the last result of every recipe's main trial
+    ({recipe_id, step, objectives...}); `spent`: trial-steps of all trials (default: the finals')."""
+    stopped = stopped or set()
+    spent = sum(int(f["step"]) for f in finals) if spent is None else int(spent)
+    done = [f for f in finals if int(f["step"]) >= total_steps and f["recipe_id"] not in stopped]
+    front_idx = pareto_front(done, objectives)
+    label = [str(f["recipe_id"]) for f in done]
+    front = tuple(sorted(label[i] for i in front_idx))
+    best = set(front_of(truth, objectives))
+    pick = select_top([done[i] for i in front_idx], objectives, 1, "knee") if front_idx else []
+    hv_true = true_hv(sorted(best), truth, objectives, hv_reference)
+    return SearchOutcome(
+        sim_seed, strategy, spent, len(truth) * total_steps,
+        tuple(sorted(label)), front,
+        knee_of(truth, objectives) in front, bool(set(front) & best),
+        bool(pick) and label[front_idx[pick[0]]] in best,
+        1.0 - true_hv(front, truth, objectives, hv_reference) / hv_true,
+        len(set(front) & best) / len(best),
+    )
 
 
 def score_search(
@@ -273,27 +336,14 @@ def score_search(
     total_steps: int = TOTAL_STEPS,
     spent: Optional[int] = None,
 ) -> SearchOutcome:
-    """finals: the last result of every recipe's main trial ({recipe_id, step, objectives...});
-    `spent`: trial-steps of all trials (default: the finals' steps)."""
-    recipes = paper_recipes()
-    stopped = stopped or set()
-    spent = sum(int(f["step"]) for f in finals) if spent is None else int(spent)
-    done = [f for f in finals
-            if int(f["step"]) >= total_steps and f["recipe_id"] not in stopped]
-    front_idx = pareto_front(done, OBJECTIVES)
-    label = [str(f["recipe_id"]).split("/")[-1] for f in done]
-    front = tuple(sorted(label[i] for i in front_idx))
-    truth = set(true_front(recipes))
-    pick = select_top([done[i] for i in front_idx], OBJECTIVES, 1, "knee") if front_idx else []
-    hv_true = _true_hv(sorted(truth))
-    return SearchOutcome(
-        sim_seed, strategy, spent, len(recipes) * total_steps,
-        tuple(sorted(label)), front,
-        knee(recipes) in front, bool(set(front) & truth),
-        bool(pick) and label[front_idx[pick[0]]] in truth,
-        1.0 - _true_hv(front) / hv_true,
-        len(set(front) & truth) / len(truth),
-    )
+    """`score_against` the paper grid's noise-free finals. Tune mode's recipe ids carry the
+    search's seed ("<sim_seed>/<recipe>"), so the prefix is dropped on both finals and stops."""
+    def bare(rid: Any) -> str:
+        return str(rid).split("/")[-1]
+
+    finals = [{**f, "recipe_id": bare(f["recipe_id"])} for f in finals]
+    return score_against(paper_truth(), OBJECTIVES, HV_REFERENCE, sim_seed, strategy, finals,
+                         {bare(r) for r in stopped or ()}, total_steps, spent)
 
 
 def grid_order(sim_seed: int) -> list[SimRecipe]:

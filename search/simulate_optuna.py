@@ -142,7 +142,7 @@ def completion_rate(stop_confidence: float, seeds: Sequence[int], max_concurrent
 
 
 def _summary(rows: list[dict]) -> dict:
-    from rayq.search.bench import bootstrap, wilson
+    from rayq.search.outcomes import bootstrap, wilson
 
     n = len(rows)
     out: dict = {"seeds": n}
@@ -158,7 +158,7 @@ def _summary(rows: list[dict]) -> dict:
 
 def _paired(a: list[dict], b: list[dict]) -> dict:
     """Paired differences b − a over the same seeds (bootstrap CI of the mean difference)."""
-    from rayq.search.bench import bootstrap
+    from rayq.search.outcomes import bootstrap
 
     out = {}
     for key in ("hv_regret", "has_knee", "pick_truly_pareto", "compute_fraction"):

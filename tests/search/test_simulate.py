@@ -105,7 +105,7 @@ def test_offline_loop_with_the_schedulers():
 
 
 def test_wilson_and_bootstrap():
-    from rayq.search.bench import bootstrap, wilson
+    from rayq.search.outcomes import bootstrap, wilson
 
     lo, hi = wilson(180, 200)
     assert lo < 0.9 < hi and hi - lo < 0.1
