@@ -42,10 +42,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from rayq.config import read_yaml_file
 from rayq.errors import UserError
 from rayq.search import offline, study
 from rayq.search import simulate as sim
 from rayq.search.objectives import parse_objectives
+from rayq.search.outcomes import summarise as summarise_outcomes
 from rayq.search.results import RESULTS, clean, finite
 from rayq.search.stopping import Replicate, pooled_sd, summarise
 
@@ -100,10 +102,10 @@ class Grid:
 
 
 def _search_config(directory: str | os.PathLike) -> dict:
-    import yaml
-
+    """The directory's config.yaml through rayq's guarded YAML reader (a directory handed over by
+    someone else is not trusted: size, alias and type limits), {} when there is none."""
     path = Path(directory) / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    return read_yaml_file(path, "search config") if path.exists() else {}
 
 
 def _dotted(config: dict, key: str) -> Any:
@@ -234,15 +236,14 @@ def run_replay(grid: Grid, strategy: offline.Strategy, replay_seed: int, *, prio
 
 
 def _replays(grid: Grid, strategy: offline.Strategy, seeds: Sequence[int], prior: dict, per_search: int) -> dict:
-    from rayq.search.outcomes import summarise
-
     runs = [run_replay(grid, strategy, s, prior=prior, max_concurrent=per_search) for s in seeds]
-    outcomes = Counter((tuple(sorted((r, x["step"]) for r, x in stops.items())), o.front) for o, stops in runs)
+    # an outcome: which recipes stopped at which step, and the returned front
+    keys = [(tuple(sorted((r, x["step"]) for r, x in stops.items())), o.front) for o, stops in runs]
+    outcomes = Counter(keys)
     (common, front), count = outcomes.most_common(1)[0]
-    example = next(stops for o, stops in runs if tuple(sorted((r, x["step"]) for r, x in stops.items())) == common
-                   and o.front == front)
+    example = runs[keys.index((common, front))][1]
     truth, best = grid.truth, set(sim.front_of(grid.truth, grid.objectives))
-    return {**summarise([o for o, _ in runs]), "distinct_outcomes": len(outcomes),
+    return {**summarise_outcomes([o for o, _ in runs]), "distinct_outcomes": len(outcomes),
             "first_stop_steps": dict(Counter(str(min(x["step"] for x in st.values())) if st else "none"
                                              for _, st in runs)),
             "most_common_outcome": {
