@@ -205,11 +205,13 @@ def contrast(rows: Sequence[dict], reference: str, gate_metric: str, metrics: Se
 def summary(rows: Sequence[dict], reading: dict, parameters: int) -> dict:
     """The study's summary.json: Gate B's verdict over every compared recipe, the smallest
     separation in paired-seed SDs, the seeds behind it, each recipe's mean and SD per metric,
-    and the data regime (tokens per parameter, epochs) of the longest run."""
+    and the data regime (tokens per parameter, epochs) at the step read (a run that went further
+    does not count its later tokens)."""
     seps = reading["separations"].values()
+    read = [r for r in rows if (_num(r.get("step")) or 0.0) <= reading["step"]] or list(rows)
     # data/tokens is the train split's size, data/epochs the passes over it so far
-    epochs = max((_num(r.get("data/epochs")) or 0.0) for r in rows)
-    tokens = max((_num(r.get("data/tokens")) or 0.0) * (_num(r.get("data/epochs")) or 0.0) for r in rows)
+    epochs = max((_num(r.get("data/epochs")) or 0.0) for r in read)
+    tokens = max((_num(r.get("data/tokens")) or 0.0) * (_num(r.get("data/epochs")) or 0.0) for r in read)
     sds = [s["separation_sds"] for s in seps]
     return {"gate_passed": bool(seps) and all(s["separates"] for s in seps),
             "contrast_sd": min(sds) if sds and None not in sds else None,

@@ -79,6 +79,10 @@ def test_contrast_measures_paired_separation_in_seed_sds():
     assert summary["gate_passed"] is True and summary["seeds"] == 3
     assert summary["tokens_per_param"] == pytest.approx(1200 * 4096 / 1000)
     assert set(summary["ordering"]) == set(labels)
+    early = study.summary(rows, study.contrast(rows, averse, KL, [], step=600.0), parameters=1000)
+    assert early["step"] == 600.0  # the data regime of the step read, not of the whole run
+    assert early["tokens_per_param"] == pytest.approx(600 * 4096 / 1000)
+    assert early["epochs"] == pytest.approx(600 * 4096 / 1e7)
 
 
 def test_two_seeds_never_pass_the_gate_and_noise_does_not_separate():
