@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -113,6 +114,8 @@ def study(argv: Sequence[str]) -> int:
     parser.add_argument("--step", type=float, default=None, help="contrast: compare at this step (default: the "
                         "furthest step reached; runs short of it are left out)")
     parser.add_argument("--out", default=None, help="write the reading (contrast: the study's summary.json) here")
+    parser.add_argument("--plot", default=None, help="contrast: write KL vs step and KL vs eval loss, every "
+                        "recipe-seed, to this PNG")
     args = parse_args(parser, argv)
     rows = study_lib.load(args.dirs)
     cfg = _saved_config(args.dirs[0])
@@ -129,6 +132,13 @@ def study(argv: Sequence[str]) -> int:
         from rayq.model import count_parameters
 
         doc = study_lib.summary(rows, reading, count_parameters(cfg.model))
+        doc["loss_matched"] = study_lib.loss_matched(rows, reading["reference"], args.metric, reading["step"])
+        if args.plot:
+            from rayq.search.study_plots import plot_contrast
+
+            names = " ".join(os.path.basename(os.path.normpath(d)) for d in args.dirs)
+            plot_contrast(rows, args.metric, args.plot, reference=reading["reference"], step=reading["step"],
+                          provenance=f"rayq study contrast {names}")
     text = json.dumps(doc, indent=2, default=str)
     if args.out:
         from rayq.config import atomic_write_text

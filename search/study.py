@@ -221,3 +221,50 @@ def summary(rows: Sequence[dict], reading: dict, parameters: int) -> dict:
             "epochs": epochs, "tokens_seen": tokens, "parameters": parameters, "step": reading["step"],
             "metric": reading["metric"], "reference": reading["reference"], "separations": reading["separations"],
             "thresholds": reading["thresholds"]}
+
+
+def loss_matched(rows: Sequence[dict], reference: str, gate_metric: str, step: float) -> dict:
+    """Each recipe's KL at `step` against the reference's KL at the same eval loss, per paired seed:
+    the reading against eval loss that stage 2's confound calls for (a recipe that trains worse
+    is compared with the reference where the reference was equally well trained). Reported, not
+    gated. Per seed, with the other run's eval loss L at `step`:
+    - `interpolated`: L lies within the reference run's eval losses; its log KL is interpolated
+      linearly in loss between the two evaluations that bracket L (the first crossing);
+    - `at_least`: L is above every loss the reference evaluated (it was better trained already at
+      its first evaluation); with KL growing over training (Gate A), the reference's KL at loss L
+      is at most its first evaluation's, so the ratio is at least the one given;
+    - `at_most`: L is below every reference loss; the ratio is at most the one given."""
+    kl, loss = curves(rows, gate_metric), curves(rows, "eval/loss")
+    out: dict[str, dict] = {}
+    for label in sorted({lab for lab, _ in kl} - {reference}):
+        seeds = sorted({s for lab, s in kl if lab == label} & {s for lab, s in kl if lab == reference})
+        per_seed = {}
+        for s in seeds:
+            other_kl, other_loss = kl[(label, s)].get(step), loss.get((label, s), {}).get(step)
+            ref = [(loss[(reference, s)][t], kl[(reference, s)][t]) for t in sorted(kl[(reference, s)])
+                   if t in loss.get((reference, s), {}) and kl[(reference, s)][t] > 0]
+            if other_kl is None or other_loss is None or not ref or other_kl <= 0:
+                continue
+            per_seed[f"{s:g}"] = {"eval_loss": other_loss, **_at_loss(ref, other_loss, other_kl)}
+        kinds = {v["kind"] for v in per_seed.values()}
+        logs = [math.log(v["ratio"]) for v in per_seed.values()]
+        out[label] = {"seeds": per_seed, "kind": kinds.pop() if len(kinds) == 1 else "mixed",
+                      "ratio_geomean": math.exp(statistics.fmean(logs)) if logs else None}
+    return {"reference": reference, "metric": gate_metric, "step": step, "recipes": out}
+
+
+def _at_loss(ref: list[tuple[float, float]], target: float, other_kl: float) -> dict:
+    """The ratio other_kl / (reference KL at eval loss `target`) from the reference's (loss, KL)
+    evaluations in step order, and how it was obtained (see `loss_matched`)."""
+    for (l0, k0), (l1, k1) in zip(ref, ref[1:]):
+        if min(l0, l1) <= target <= max(l0, l1):
+            w = 0.0 if l0 == l1 else (l0 - target) / (l0 - l1)
+            at = math.exp((1 - w) * math.log(k0) + w * math.log(k1))
+            return {"kind": "interpolated", "ratio": other_kl / at, "reference_kl": at}
+    if len(ref) == 1 and ref[0][0] == target:
+        return {"kind": "interpolated", "ratio": other_kl / ref[0][1], "reference_kl": ref[0][1]}
+    if target > max(lo for lo, _ in ref):  # the reference's least trained evaluation bounds it
+        at = max(ref)[1]
+        return {"kind": "at_least", "ratio": other_kl / at, "reference_kl": at}
+    at = min(ref)[1]
+    return {"kind": "at_most", "ratio": other_kl / at, "reference_kl": at}

@@ -103,3 +103,32 @@ def test_study_command_reads_a_search_directory(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == doc
     assert main(["study", "contrast", str(tmp_path / "missing")]) == 2
     assert "no results here" in capsys.readouterr().err
+
+
+def test_loss_matched_reads_damage_at_equal_eval_loss():
+    # the reference trains to losses 6.0..4.9 with KL 1e-5 growing 1.2x per evaluation
+    ref = _run(1e-2, 0, 1e-5, 1.2, SMOOTH, **{"recipe.dropout": 0.0})
+    inside = _run(3e-2, 0, 1e-3, 1.0, [5.55] * 12, **{"recipe.dropout": 0.1})  # loss 5.55: the reference's step 500-600
+    reading = study.loss_matched(ref + inside, "dropout=0.0 lr=0.01", KL, 1200.0)
+    seed0 = next(iter(reading["recipes"].values()))["seeds"]["0"]
+    # the reference evaluated at 300 (loss 5.8) and 600 (5.5): 5.55 lies 5/6 of the way, in loss
+    at = math.exp(math.log(1e-5 * 1.2) + 5 / 6 * (math.log(1e-5 * 1.2 ** 2) - math.log(1e-5 * 1.2)))
+    assert seed0["kind"] == "interpolated" and seed0["ratio"] == pytest.approx(1e-3 / at)
+    untrained = _run(3e-2, 0, 1e-3, 1.0, [6.5] * 12, **{"recipe.dropout": 0.1})  # worse than any reference eval
+    bound = next(iter(study.loss_matched(ref + untrained, "dropout=0.0 lr=0.01", KL, 1200.0)["recipes"].values()))
+    assert bound["kind"] == "at_least" and bound["ratio_geomean"] == pytest.approx(1e-3 / (1e-5 * 1.2))
+    better = _run(3e-2, 0, 1e-3, 1.0, [4.0] * 12, **{"recipe.dropout": 0.1})
+    capped = next(iter(study.loss_matched(ref + better, "dropout=0.0 lr=0.01", KL, 1200.0)["recipes"].values()))
+    assert capped["kind"] == "at_most" and capped["ratio_geomean"] == pytest.approx(1e-3 / (1e-5 * 1.2 ** 4))
+
+
+def test_study_contrast_plots_and_reads_against_loss(tmp_path, capsys):
+    d = tmp_path / "contrast"
+    d.mkdir()
+    write_table(_contrast_rows(3, [0.0, 0.1, -0.1]), d / "results.parquet")
+    (d / "config.yaml").write_text(dump_yaml(resolve(preset="tiny")))
+    png = tmp_path / "contrast.png"
+    assert main(["study", "contrast", str(d), "--reference", "dropout=0.0 lr=0.01", "--plot", str(png)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(doc["loss_matched"]["recipes"]) == {"dropout=0.1 lr=0.03"}
