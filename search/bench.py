@@ -3,6 +3,7 @@
     rayq bench search --offline --seeds 200 --json [--plot FILE]     # the figure (Ray-free)
     rayq bench search [--seeds 20] [--quick]                          # Tune mode: confirms it
     rayq bench search --replay DIR [DIR ...] --seeds 200 --json       # over recorded curves
+    rayq bench search --offline --calibrate-from DIR [DIR ...] --json  # noise measured in a study
 
 Each simulated search runs the paper-axes grid (11 recipes of Table A.3, 75000 steps, an
 evaluation every 5000; `simulate.py` for the curves and noise, `offline.py` for the strategies)
@@ -25,6 +26,12 @@ p for dominance, η for the ASHA family), `noise_sweep` (0.25x-2x the simulator'
 
 Replay (`--replay`, `replay.py`): the same strategies over the curves real `rayq search` runs
 recorded, scored at their recorded final values (seed means); the output's `replay` key.
+
+Calibrated (`--offline --calibrate-from DIR...`, `calibrate.py`): the offline benchmark with the
+simulator's noise scaled per objective so that its between-seed / between-recipe SD ratio matches
+the one measured in those study directories (what was measured is printed on stderr and kept
+under `calibration`); the dominance prior follows the calibrated model, and `--noise` and the
+noise sweep scale the calibrated model.
 """
 
 from __future__ import annotations
@@ -63,14 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--replay", nargs="+", metavar="DIR", default=None,
                    help="replay the evaluations recorded in these search directories (no simulator)")
     p.add_argument("--per-search", type=int, default=8, help="concurrent trials of one search (its workers)")
+    p.add_argument("--calibrate-from", nargs="+", metavar="DIR", default=None,
+                   help="offline: measure the between-seed / between-recipe SD ratio of eval loss and log KL in "
+                   "these study directories (any number; search/calibrate.py), print it, and run with the "
+                   "simulator's accuracy and degradation noise scaled to match it (the dominance prior "
+                   "follows; --noise scales the calibrated model)")
     return p
 
 
-def _offline(strategy, seeds, *, noise: float, late: bool = False, per_search: int = 8) -> dict:
+def _offline(strategy, seeds, *, noise: float, late: bool = False, per_search: int = 8, model=None) -> dict:
     from rayq.search import offline
+    from rayq.search import simulate as sim
 
-    return summarise([offline.run_offline(strategy, s, max_concurrent=per_search, noise=noise, late=late)
-                      for s in seeds])
+    return summarise([offline.run_offline(strategy, s, max_concurrent=per_search, noise=noise, late=late,
+                                          model=model or sim.NOISE) for s in seeds])
 
 
 def _defaults(families: Sequence[str], p: float, eta: float, weights: Sequence[float] = ()) -> list:
@@ -91,7 +104,7 @@ def _defaults(families: Sequence[str], p: float, eta: float, weights: Sequence[f
 
 
 def run_offline_bench(families: Sequence[str], seeds: Sequence[int], *, p: float, eta: float, noise: float,
-                      curves: bool, per_search: int, progress=None) -> dict:
+                      curves: bool, per_search: int, progress=None, model=None) -> dict:
     from rayq.search import offline
 
     def say(msg: str) -> None:
@@ -100,7 +113,7 @@ def run_offline_bench(families: Sequence[str], seeds: Sequence[int], *, p: float
 
     def one(strategy, scale=noise, late=False) -> dict:
         t0 = time.time()
-        r = _offline(strategy, seeds, noise=scale, late=late, per_search=per_search)
+        r = _offline(strategy, seeds, noise=scale, late=late, per_search=per_search, model=model)
         say(f"{strategy.label:24s} noise {scale:g}{' late' if late else ''}: compute {r['compute_fraction']:.3f} "
             f"knee {r['recovered_knee']:.3f} pick {r['pick_truly_pareto']:.3f} hv {r['hv_regret']:.3f} "
             f"({time.time() - t0:.0f}s)")
@@ -239,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--seeds: expected >= 1, got {n}")
     if args.plot and not args.offline:
         raise UserError("--plot: curves are drawn from the offline benchmark; add --offline")
+    if args.calibrate_from and not args.offline:
+        raise UserError("--calibrate-from: calibrates the offline benchmark's simulator; add --offline")
     seeds = list(range(n))
     if args.replay:
         if args.offline or args.strategies:
@@ -246,6 +261,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _replay(args, seeds)
 
     t0 = time.time()
+    model, calibration = sim.NOISE, None
+    if args.calibrate_from:
+        from rayq.search import calibrate
+
+        calibration = calibrate.calibrate(args.calibrate_from, progress=lambda m: print(
+            f"[bench search] {m}", file=sys.stderr, flush=True))
+        for line in calibrate.describe(calibration):
+            print(f"[bench search] {line}", file=sys.stderr)
+        model = calibrate.model_of(calibration)
     print(f"[bench search] {n} seeds x ({', '.join(families)}), "
           f"{'offline loop' if args.offline else 'Ray Tune'}", file=sys.stderr)
     result = {
@@ -253,20 +277,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "default_strategy": "dominance",
         "default_settings": {"rule": "dominance", "stop_confidence": args.p, "seeds_per_recipe": 1,
                              "noise_source": "configured prior (search.noise_prior): between-seed sd of the final "
-                             "values under the default noise model, fixed across the noise sweep",
-                             "noise_prior": sim.seed_sd()},
+                             f"values under the {'calibrated' if calibration else 'default'} noise model, fixed "
+                             "across the noise sweep",
+                             "noise_prior": sim.seed_sd(model=model)},
         "grid": "paper-axes (11 recipes of Table A.3), 75000 steps, an evaluation every 5000",
         "objectives": sim.OBJECTIVES,
         "true_pareto": sim.true_front(),
         "true_best_knee": sim.knee(),
         "hv_reference": list(sim.HV_REFERENCE),
-        "noise_model": {"scale": args.noise, **sim.NOISE.__dict__},
+        "noise_model": {"scale": args.noise, **model.__dict__},
         "targets": TARGET,
     }
+    if calibration:
+        result["calibration"] = calibration
     if args.offline:
         body = run_offline_bench(families, seeds, p=args.p, eta=args.eta, noise=args.noise,
                                  curves=not (args.no_curves or args.quick), per_search=args.per_search,
-                                 progress=lambda m: print(f"[bench search] {m}", file=sys.stderr, flush=True))
+                                 progress=lambda m: print(f"[bench search] {m}", file=sys.stderr, flush=True),
+                                 model=model)
         result.update(body)
         result["targets_met"] = _targets(body)
         info = {"runner": "offline lockstep loop (no Ray), real scheduler classes"}

@@ -13,9 +13,10 @@ Strategies (`STRATEGIES`; each has one dial, swept by the benchmark):
 - `dominance` (what `rayq search` uses by default: `rule: dominance`): stop when dominated beyond
   noise with probability >= p (dial p), from 5000 steps on, an evaluation every 5000, one seed
   per recipe, σ from a configured prior (`search.noise_prior`): the between-seed sd of the
-  final values under the simulator's DEFAULT noise model (`simulate.seed_sd()`, 0.18 points on
-  both objectives). The prior stays fixed when the noise sweep scales the simulated noise, so
-  the sweep also measures a misspecified prior.
+  final values under the simulator's noise model at scale 1 (`simulate.seed_sd()`: 0.18 points on
+  both objectives under the default model; a calibrated model, `calibrate.py`, brings its own).
+  The prior stays fixed when the noise sweep scales the simulated noise, so the sweep also
+  measures a misspecified prior.
 - `dominance-pilot`: the same rule with σ from a replicate pilot the search schedules itself:
   the first `PILOT_RECIPES` recipes of the grid get `PILOT_SEEDS` extra seeds (trials sharing
   their `recipe_id`) that run to the first milestone (5000) only; later steps carry that σ
@@ -79,7 +80,7 @@ class Strategy:
         return self.family == "dominance-pilot"
 
 
-def make_scheduler(strategy: Strategy) -> Any:
+def make_scheduler(strategy: Strategy, model: sim.NoiseModel = sim.NOISE) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from rayq.search.scheduler import MilestoneScheduler
@@ -89,7 +90,7 @@ def make_scheduler(strategy: Strategy) -> Any:
         sync = {"sync_rungs": True, "expected_trials": len(sim.paper_recipes())} if f == "dominance-sync" else {}
         return MilestoneScheduler(sim.OBJECTIVES, [FIRST_MILESTONE], rule="dominance",
                                   stop_confidence=strategy.dial, eval_every=sim.REPORT_EVERY,
-                                  max_t=sim.TOTAL_STEPS, noise_prior=None if f == "dominance-pilot" else sim.seed_sd(),
+                                  max_t=sim.TOTAL_STEPS, noise_prior=None if f == "dominance-pilot" else sim.seed_sd(model=model),
                                   verbose=False, **sync)
     if f == "moasha":
         return MilestoneScheduler(sim.OBJECTIVES, MOASHA_MILESTONES, strategy.dial, rule="moasha", verbose=False)
@@ -105,9 +106,10 @@ Entry = tuple[str, Iterator[dict], str, bool]  # trial name, its reports, recipe
 
 
 def run_offline(strategy: Strategy, sim_seed: int, *, max_concurrent: int = 8, noise: float = 1.0,
-                late: bool = False, scheduler: Any = None) -> sim.SearchOutcome:
-    """One simulated search under `strategy`; scored at the recipes' true values."""
-    scheduler = scheduler if scheduler is not None else make_scheduler(strategy)
+                late: bool = False, scheduler: Any = None, model: sim.NoiseModel = sim.NOISE) -> sim.SearchOutcome:
+    """One simulated search under `strategy` with the noise `model` scaled by `noise`; scored at the
+    recipes' true values."""
+    scheduler = scheduler if scheduler is not None else make_scheduler(strategy, model)
     rng = np.random.default_rng(sim._seed("offline", sim_seed))
     order = sim.grid_order(sim_seed)
     late_rng = np.random.default_rng(sim._seed("late", sim_seed))
@@ -116,7 +118,7 @@ def run_offline(strategy: Strategy, sim_seed: int, *, max_concurrent: int = 8, n
     weight = strategy.weight if strategy.weight is not None else sim.WEIGHT
 
     def reports(r, seed, upto=None):
-        reps = sim.trial_reports(r, seed, noise, late=LATE_JUMP if r.recipe_id in late_ids else 0.0)
+        reps = sim.trial_reports(r, seed, noise, late=LATE_JUMP if r.recipe_id in late_ids else 0.0, model=model)
         return iter([{**x, "weighted": x[sim.ACC] + weight * x[sim.DEG]} for x in reps
                      if upto is None or x["step"] <= upto])
 

@@ -51,7 +51,7 @@ from rayq.search.outcomes import summarise as summarise_outcomes
 from rayq.search.results import RESULTS, clean, finite
 from rayq.search.stopping import Replicate, pooled_sd, summarise
 
-__all__ = ["Grid", "load_grid", "noise_prior", "seed_sd", "make_scheduler", "run_replay", "run_replay_bench",
+__all__ = ["Grid", "load_rows", "load_grid", "noise_prior", "seed_sd", "make_scheduler", "run_replay", "run_replay_bench",
            "OBJECTIVES", "FALLBACK_PRIOR", "STRATEGIES"]
 
 OBJECTIVES = ("eval/loss:min", "ptq/w8a8-tensor/kl:min")
@@ -126,9 +126,10 @@ def _fill_config(by_dir: dict[str, list[dict]]) -> list[dict]:
     return out
 
 
-def load_grid(dirs: Sequence[str | os.PathLike], objectives: Sequence[str] = OBJECTIVES) -> Grid:
-    """The replay grid of the search directories `dirs` (see the module docstring)."""
-    names = [o.name for o in parse_objectives(list(objectives))]
+def load_rows(dirs: Sequence[str | os.PathLike], names: Sequence[str]) -> list[dict]:
+    """Every row of the search directories `dirs`, each checked for evaluation rows reporting the
+    metrics `names`, with the config keys other directories searched filled in from its config.yaml
+    (so that one recipe gets one name across directories: `study.curves` labels by varying keys)."""
     by_dir: dict[str, list[dict]] = {}
     for d in dirs:
         rows = study.load([d])  # a UserError naming the file when there is no results.parquet
@@ -140,7 +141,13 @@ def load_grid(dirs: Sequence[str | os.PathLike], objectives: Sequence[str] = OBJ
             if not any(finite(r.get(n)) for r in evals):
                 raise UserError(f"{path}: no {n!r} in its evaluation rows (expected the objectives {', '.join(names)})")
         by_dir[os.fspath(d)] = rows
-    rows = _fill_config(by_dir)
+    return _fill_config(by_dir)
+
+
+def load_grid(dirs: Sequence[str | os.PathLike], objectives: Sequence[str] = OBJECTIVES) -> Grid:
+    """The replay grid of the search directories `dirs` (see the module docstring)."""
+    names = [o.name for o in parse_objectives(list(objectives))]
+    rows = load_rows(dirs, names)
     curves = {n: study.curves(rows, n) for n in names}
     both = set.intersection(*(set(c) for c in curves.values()))
     total = int(max(max(curves[n][k]) for n in names for k in both))

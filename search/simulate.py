@@ -18,8 +18,10 @@ Calibration (Ahmadian et al. 2023, Table A.3, `PAPER_A3` below; the 13 rows are 
   jitter of the curve's time constant (`tau_sd` 10% in log), and per-report evaluation noise
   (`eval_sd` 0.10 points each). The paper ran each recipe once, so its seed spread is unknown;
   these are of the order of the table's smallest gaps between recipes, which is what makes
-  ranking them non-trivial. `noise` scales all of it (the benchmark sweeps 0.25x-2x). They are
-  guesses until the proxy study measures real seed-to-seed spread; then calibrate here.
+  ranking them non-trivial. `noise` scales all of it (the benchmark sweeps 0.25x-2x), and
+  `acc_scale` / `deg_scale` each objective's share. The defaults are guesses; `calibrate.py`
+  derives the two scales from the seed spread a study measured (`rayq bench search --offline
+  --calibrate-from DIR...`).
 - late re-ranking (`late`, off by default): a recipe's degradation may grow during the LR decay
   (PTQ error is reported to jump when the LR decays). With `late = L`, the recipe's degradation
   follows a curve ending L points BETTER than its table value until 60% of training, and the
@@ -112,6 +114,10 @@ class NoiseModel:
     seed_sd: float = 0.15  # persistent per-seed offset of the final accuracy and degradation
     eval_sd: float = 0.10  # fresh noise on every report (evaluation on a finite task sample)
     tau_sd: float = 0.10  # per-seed jitter of the accuracy curve's time constant (sd in log)
+    # per-objective multipliers of all the noise above: calibration to a measured study
+    # (calibrate.py) finds accuracy and degradation noisy by different factors
+    acc_scale: float = 1.0  # the accuracy's offset, time-constant jitter and evaluation noise
+    deg_scale: float = 1.0  # the degradation's offset and evaluation noise
 
 
 NOISE = NoiseModel()
@@ -189,15 +195,17 @@ def trial_reports(
     """Every report of one simulated trial (deterministic in `trial_seed`)."""
     rng = np.random.default_rng(_seed("trial", recipe.recipe_id, trial_seed))
     dropout = float(recipe.point.get("recipe.dropout", 0.0))
-    tau = TAU_ACC * (1 + dropout) * math.exp(noise * model.tau_sd * rng.normal())
-    off_acc, off_deg = noise * model.seed_sd * rng.normal(size=2)
+    # at scales 1.0 these products equal `noise` exactly: the default draws stay bit-identical
+    scale = np.array([noise * model.acc_scale, noise * model.deg_scale])
+    tau = TAU_ACC * (1 + dropout) * math.exp(scale[0] * model.tau_sd * rng.normal())
+    off_acc, off_deg = scale * model.seed_sd * rng.normal(size=2)
     g_end = math.log1p(total_steps / tau)
     s_end = 1 - math.exp(-total_steps / TAU_DEG)
     out = []
     for step in range(every, total_steps + 1, every):
         g = math.log1p(step / tau) / g_end
         s = (1 - math.exp(-step / TAU_DEG)) / s_end
-        e_acc, e_deg = noise * model.eval_sd * rng.normal(size=2)
+        e_acc, e_deg = scale * model.eval_sd * rng.normal(size=2)
         jump = max(0.0, (step / total_steps - LATE_START) / (1 - LATE_START)) ** 2
         acc = CHANCE + (recipe.acc + off_acc - CHANCE) * g + e_acc
         deg = (recipe.deg + late + off_deg) * s - late * jump + e_deg
