@@ -197,6 +197,8 @@ def contrast(rows: Sequence[dict], reference: str, gate_metric: str, metrics: Se
         sds = abs(mean) / sd if mean is not None and sd else None
         separations[label] = {"seeds": len(diffs), "log_kl_diff_mean": mean, "log_kl_diff_sd": sd,
                               "ratio": math.exp(mean) if mean is not None else None, "separation_sds": sds,
+                              # the gate is two-sided; which way it went is the finding
+                              "more_damaged": None if not mean else (label if mean > 0 else reference),
                               "separates": bool(sds is not None and sds >= GATE_SDS and len(diffs) >= MIN_SEEDS)}
     return {"gate": "B", "metric": gate_metric, "reference": reference, "step": step, "ordering": ordering,
             "separations": separations, "thresholds": {"gate_sds": GATE_SDS, "min_seeds": MIN_SEEDS}}

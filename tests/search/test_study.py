@@ -73,6 +73,7 @@ def test_contrast_measures_paired_separation_in_seed_sds():
     assert reading["step"] == 1200.0 and sep["seeds"] == 3
     assert sep["ratio"] == pytest.approx(10.0, rel=0.01)  # log(10) apart, seed noise +-0.1
     assert sep["separation_sds"] == pytest.approx(math.log(10) / 0.1, rel=0.01) and sep["separates"]
+    assert sep["more_damaged"] == next(lab for lab in labels if lab != averse)
     in_progress = _run(3e-2, 3, 1e-4, 1.2, SMOOTH[:4], **{"recipe.dropout": 0.1})  # seed 3: step 400 so far
     assert study.contrast(rows + in_progress, averse, KL, [])["separations"] == reading["separations"]
     summary = study.summary(rows, reading, parameters=1000)
