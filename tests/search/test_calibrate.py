@@ -17,7 +17,7 @@ from rayq.search.results import write_table
 
 LOSS, VKL, TKL = "eval/loss", "ptq/w8a8-vectorwise/kl", "ptq/w8a8-tensor/kl"
 STUDIES = Path(__file__).resolve().parents[2] / "studies" / "proxy"
-PROXY = [STUDIES / "lr", STUDIES / "contrast", STUDIES / "contrast-seed1"]
+PROXY = [STUDIES / "lr", STUDIES / "contrast", STUDIES / "contrast-seed1", STUDIES / "contrast-seed2"]
 # (lr, seed) -> (eval loss, log KL), the same at every step: recipe 0.01 has 3 seeds, 0.03 two, 0.1 one
 VALUES = {(0.01, 0): (4.0, -5.0), (0.01, 1): (4.2, -4.8), (0.01, 2): (4.1, -5.2),
           (0.03, 0): (5.0, -4.0), (0.03, 1): (4.7, -4.4),
@@ -118,13 +118,13 @@ def test_committed_proxy_study_is_measured_on_its_seed_pairs():
     rows = replay.load_rows(PROXY, [LOSS, VKL])
     for metric, log in ((LOSS, False), (VKL, True), (TKL, True)):
         m = calibrate.measure(rows, metric, log)
-        # seed 1 stops at 2400 of 3000: the late point is read there; contrast/incomplete-seed1.parquet
-        # is not read (else a recipe would show a third seed)
-        assert [p["step"] for p in m["points"]] == [600, 1500, 2400] and m["total_steps"] == 3000
+        # three seeds per stage-2 recipe, all to step 3000; contrast/incomplete-seed1.parquet and
+        # contrast-seed1/avx2-emulated-to-2400.parquet are not read (else a recipe would show more seeds)
+        assert [p["step"] for p in m["points"]] == [600, 1500, 3000] and m["total_steps"] == 3000
         assert [p["requested_step"] for p in m["points"]] == [600, 1500, 3000]
         for p in m["points"]:
             assert p["recipes"] == 6  # four lrs of stage 1, two recipes of stage 2
-            assert sorted(p["seeds"].values()) == [2, 2] and p["seed_df"] == 2
+            assert sorted(p["seeds"].values()) == [3, 3] and p["seed_df"] == 4
             assert all(math.isfinite(x) and x > 0 for x in (p["seed_sd"], p["recipe_sd"], p["ratio"], *p["ratio_ci"]))
 
 
