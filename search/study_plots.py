@@ -25,7 +25,7 @@ def plot_contrast(rows: Sequence[dict], metric: str, path: str | Path, *, refere
     kl, loss = curves(rows, metric), curves(rows, "eval/loss")
     labels = sorted({label for label, _ in kl}, key=lambda lab: (lab != reference, lab))
     seeds = sorted({s for _, s in kl})
-    fig = figure(13, 5.5)
+    fig = figure(13, 6.5)
     by_step, by_loss = fig.subplots(1, 2)
     for n, label in enumerate(labels):
         colour = PALETTE[n % len(PALETTE)]
@@ -54,7 +54,8 @@ def plot_contrast(rows: Sequence[dict], metric: str, path: str | Path, *, refere
     by_loss.invert_xaxis()
     by_step.set_title(f"{metric} vs step: equal tokens", fontsize=10)
     by_loss.set_title(f"{metric} vs eval loss: equally trained (dot: last evaluation)", fontsize=10)
-    by_step.legend(fontsize=7, loc="upper left")
+    # above both panels (the provenance stamp is below): every corner of the step panel holds data
+    fig.legend(*by_step.get_legend_handles_labels(), fontsize=7, loc="outside upper center", ncol=2)
     stamp(fig, provenance)
     save_png(fig, path)
     return fig
