@@ -12,13 +12,9 @@ are a seeded random init of the preset: throughput does not depend on what the w
 `rayq.allocator.keep_pages()` runs first and its `describe()` is recorded with the figures.
 
 The quantized model is measured on each requested kernels backend (default: `auto`, the kernels'
-own choice, `compiled`, the torch.compile-fused quantize/GEMM/dequant per layer, and `graph`, the
-quantized model compiled whole, `rayq.kernels.graph`); the one-time compile shows up in
-`warmup_s`, not in the throughput. With `graph`, the FP model compiled whole under bf16 autocast
-(`bf16+graph`, the same Inductor options) is measured too, for a like-for-like comparison:
-`ratio_to_bf16` compares every leg with bf16 as users run it (eager), `ratio_to_bf16_graph` with
-the compiled bf16 model. The CPU (model, flags) and the kernels' per-machine GEMM choices (and the
-forms the `graph` legs' layers were prepared with) are recorded with the figures.
+own choice, and `compiled`, the torch.compile-fused quantize/GEMM/dequant); the one-time compile
+shows up in `warmup_s`, not in the throughput. The CPU (model, flags) and the kernels' per-machine
+GEMM choices are recorded with the figures.
 """
 
 from __future__ import annotations
@@ -32,8 +28,6 @@ import time
 from typing import Sequence
 
 BF16_SUFFIX = "@bf16"  # a quantized model measured under bf16 autocast
-BF16_GRAPH = "bf16+graph"  # the FP model compiled whole, under bf16 autocast
-FP_LEGS = ("fp32", "bf16", BF16_GRAPH)  # the legs the quantized ones are compared with
 
 
 def main(argv: Sequence[str]) -> int:
@@ -47,11 +41,10 @@ def main(argv: Sequence[str]) -> int:
 
     from rayq.commands import make_parser, parse_args
     from rayq.config import resolve
-    from rayq.eval.evaluate import GRAPH, check_schemes, default_quantizer
+    from rayq.eval.evaluate import check_schemes, default_quantizer
     from rayq.eval.scoring import score_tokens
     from rayq.kernels import backends as kernel_backends
     from rayq.kernels import machine
-    from rayq.kernels.graph import GRAPH_OPTIONS
     from rayq.model import GPT, count_parameters
 
     parser = make_parser("rayq bench eval", "evaluation throughput: FP32 vs a quantization scheme (JSON on stdout)")
@@ -60,9 +53,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--sequences", type=int, default=64, help="full-length requests per repeat (default 64)")
     parser.add_argument("--batch-size", type=int, default=None, help="scoring batch (default: eval.batch_size)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per model (default 5)")
-    parser.add_argument("--backends", default="auto,compiled,graph",
-                        help="backends to measure the scheme on (default: auto,compiled,graph; graph adds the "
-                             "FP model compiled whole under bf16 autocast, bf16+graph)")
+    parser.add_argument("--backends", default="auto,compiled",
+                        help="kernels backends to measure the scheme on (default: auto,compiled)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parse_args(parser, argv)
@@ -86,8 +78,6 @@ def main(argv: Sequence[str]) -> int:
     calibration = [ids[:batch_size, :seq_len]]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     models = {"fp32": fp, "bf16": fp}  # the same FP32 model; "bf16" runs it under autocast
-    if GRAPH in backends:  # the same compiler and options as the quantized graph legs
-        models[BF16_GRAPH] = torch.compile(fp, options=GRAPH_OPTIONS)
     for backend in backends:
         name = args.scheme if backend == "auto" else f"{args.scheme}+{backend}"
         models[name] = default_quantizer(calibration, backend=backend)(fp, args.scheme)
@@ -97,7 +87,7 @@ def main(argv: Sequence[str]) -> int:
     tokens = args.sequences * seq_len
 
     def precision(name: str):
-        bf16 = name in ("bf16", BF16_GRAPH) or name.endswith(BF16_SUFFIX)
+        bf16 = name == "bf16" or name.endswith(BF16_SUFFIX)
         return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def run(name: str) -> float:
@@ -137,10 +127,6 @@ def main(argv: Sequence[str]) -> int:
         "ratio_to_bf16": {k: med[k] / med["bf16"] for k in models if k not in ("fp32", "bf16")},
         # the issue's target: whole-model W8A8 evaluation at least as fast as bf16 evaluation
         "target_ge_bf16": {k: med[k] >= med["bf16"] for k in models if k not in ("fp32", "bf16")},
-        # and against bf16 compiled whole too (present with the graph backend)
-        "ratio_to_bf16_graph": {k: med[k] / med[BF16_GRAPH] for k in models if BF16_GRAPH in med and k not in FP_LEGS},
-        "target_ge_bf16_graph": {k: med[k] >= med[BF16_GRAPH] for k in models if BF16_GRAPH in med and k not in FP_LEGS},
-        "graph_forms": graph_forms(models),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": machine.describe(),
@@ -154,19 +140,8 @@ def main(argv: Sequence[str]) -> int:
         print(f"eval throughput, preset {args.preset} ({doc['parameters'] / 1e6:.1f}M parameters), "
               f"{args.sequences} x {seq_len} tokens, batch {batch_size}, {doc['threads']} threads")
         for k in models:
-            vs_graph = f", {med[k] / med[BF16_GRAPH]:.2f}x {BF16_GRAPH}" if BF16_GRAPH in med else ""
-            print(f"  {k:<28} {med[k]:>12,.0f} tokens/s  ({med[k] / med['fp32']:.2f}x fp32, {med[k] / med['bf16']:.2f}x bf16"
-                  f"{vs_graph})")
+            print(f"  {k:<28} {med[k]:>12,.0f} tokens/s  ({med[k] / med['fp32']:.2f}x fp32, {med[k] / med['bf16']:.2f}x bf16)")
     return 0
-
-
-def graph_forms(models: dict) -> dict:
-    """{leg: {output dtype: {form: layers}}} of the legs compiled whole: the integer GEMM each
-    quantized layer was prepared with (and the compile's failure, if it fell back to eager)."""
-    from rayq.kernels.graph import CompiledQuantized
-
-    return {name: {"forms": model.forms(), "failure": model.failure}
-            for name, model in models.items() if isinstance(model, CompiledQuantized)}
 
 
 def diagnostics_cost(argv: Sequence[str]) -> int:

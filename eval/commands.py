@@ -171,9 +171,8 @@ def eval_(argv: Sequence[str]) -> int:
     parser.add_argument("--bootstrap", type=int, help="bootstrap resamples (eval.bootstrap_samples)")
     parser.add_argument("--precision", choices=["recipe", "fp32"], default="recipe",
                         help="compute of the forward passes: the recipe's precision (as at train time) or fp32")
-    parser.add_argument("--backend", choices=["auto", "eager", "compiled", "reference", "graph"], default="auto",
-                        help="rayq.kernels GEMM path of the quantized models (default auto); graph: each quantized "
-                             "model compiled whole by torch.compile (fastest on CPU, pays a compile per shape)")
+    parser.add_argument("--backend", choices=["auto", "eager", "compiled", "reference"], default="auto",
+                        help="rayq.kernels GEMM path of the quantized models (default auto)")
     parser.add_argument("--diagnostics", action="store_true", help="also compute the paper's §5 diagnostics")
     parser.add_argument("--limit", type=int, metavar="N",
                         help="score only the first N items of every task (quick checks; lm-eval's --limit)")

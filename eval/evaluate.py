@@ -32,16 +32,12 @@ from rayq.eval.diagnostics import Diagnostics, analyze
 from rayq.eval.scoring import Progress, TaskScores, as_tokenizer, encode_task, model_max_len, score_task
 from rayq.eval.tasks import PERPLEXITY, LastWord, MultipleChoice, Task, get_spec, load_tasks
 from rayq.kernels import quantize_, scheme_from_name
-from rayq.kernels.base import BACKENDS
-from rayq.kernels.graph import compile_quantized
 from rayq.kernels.schemes import SchemeError, scheme_class
 from rayq.model import BLOCK_LINEARS
 from rayq.schema import Config, EvalConfig
 from rayq.train import EvalHook
 
 Quantizer = Callable[[nn.Module, str], nn.Module]  # (FP model, scheme name) -> a quantized copy
-GRAPH = "graph"  # `default_quantizer`'s backend: the quantized copy compiled whole
-EVAL_BACKENDS = (*BACKENDS, GRAPH)
 
 
 # ============================================================================ quantization
@@ -69,25 +65,13 @@ def default_quantizer(calibration: Optional[Sequence[torch.Tensor]] = None, back
     """Quantize a deep copy of the model's block linears with `rayq.kernels.quantize_`.
 
     `calibration` (held-out token batches) is used by the schemes that need activation statistics
-    (SmoothQuant, static per-tensor); the others ignore it. `backend` is one of `EVAL_BACKENDS`:
-    the kernels' choice of GEMM path per layer (auto | eager | compiled | reference), or "graph":
-    the quantized copy compiled whole by torch.compile (`rayq.kernels.graph.compile_quantized`),
-    so that Inductor fuses each layer's quantize pass with the LayerNorm before it and its dequant
-    with the bias, GELU and residual add after it (the per-layer "compiled" fuses only within a
-    layer). A backend and not a config flag because it changes speed, not what is measured: the
-    quantized layers compute the same integers, and each layer's output equals its eager output
-    for the same input; only the FP glue between them (LayerNorm, GELU, attention) is Inductor's
-    code, whose reductions differ from eager's by ulps. The first call of each shape pays the
-    compile (tens of seconds); copies quantized later reuse the compiled graphs.
+    (SmoothQuant, static per-tensor); the others ignore it. `backend` is the kernels' choice of
+    GEMM path (auto | eager | compiled | reference).
     """
-    if backend not in EVAL_BACKENDS:
-        raise UserError(f"unknown backend {backend!r} (expected one of {', '.join(EVAL_BACKENDS)})")
-    layer_backend = "auto" if backend == GRAPH else backend
-
     def quantize(model: nn.Module, scheme: str) -> nn.Module:
-        q = quantize_(model, scheme_from_name(scheme), layers=BLOCK_LINEARS, inplace=False, backend=layer_backend,
+        q = quantize_(model, scheme_from_name(scheme), layers=BLOCK_LINEARS, inplace=False, backend=backend,
                       calibration=list(calibration) if calibration is not None else None)
-        return compile_quantized(q.eval()) if backend == GRAPH else q.eval()
+        return q.eval()
 
     return quantize
 

@@ -8,8 +8,7 @@ Schemes are frozen config objects with stable CLI names (`list_schemes()`, `rayq
 each module computes on the device's integer kernel and can switch to the fp64 reference path
 (`set_backend(model, "reference")`) that every fast path is tested against. Which exact integer
 kernel runs on a CPU (`_int_mm` s8s8 / u8s8, oneDNN's prepacked qlinear) is measured once per
-machine and cached (`rayq.kernels.backends`, `rayq.kernels.machine`). `compile_quantized(model)`
-compiles a quantized model whole, without graph breaks (`rayq.kernels.graph`). `rayq bench int8`
+machine and cached (`rayq.kernels.backends`, `rayq.kernels.machine`). `rayq bench int8`
 (rayq.kernels.bench) measures the speed. This package imports torch only.
 """
 
@@ -19,7 +18,6 @@ from . import (
     probes,  # noqa: F401  (registers the probe schemes: w8a8-tensor-static, w8a6-token, w8a8-channel-oracle)
 )
 from .gemm import MAX_K_S8, MAX_K_U8, int8_mm, int_mm_reference, set_cpu_kernel
-from .graph import CompiledQuantized, compile_quantized
 from .quantize import (
     QuantEmbedding,
     QuantLinear,
@@ -50,7 +48,6 @@ from .schemes import (
 )
 
 __all__ = [
-    "CompiledQuantized",
     "MAX_K_S8",
     "MAX_K_U8",
     "QuantEmbedding",
@@ -67,7 +64,6 @@ __all__ = [
     "W8A8SmoothQuant",
     "W8A8Vectorwise",
     "backends",
-    "compile_quantized",
     "int8_mm",
     "int_mm_reference",
     "list_schemes",

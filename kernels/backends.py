@@ -23,7 +23,7 @@ Paths (device: name):
   integers: the fast exact path on CPUs without VNNI, where `_int_mm` is a scalar loop and oneDNN's
   u8 x s8 kernel saturates; never used while fp32 matmuls may run in bf16/tf32).
   Large calls of every path run the torch.compile-fused quantize/dequant around the GEMM
-  (`rayq.kernels.base.AUTO_COMPILE_WORK`).
+  (`rayq.kernels.quantize.AUTO_COMPILE_WORK`).
 - cuda: `cuda_int_mm` (`_int_mm` with zero padding to its M > 16, K, N multiple-of-8 rules).
 - xla: `xla_dot` (an XLA DotGeneral of int8 operands with int32 accumulation).
 - anything else: `fp64` (the integer codes multiplied in float64, exact below 2^53).
@@ -116,7 +116,7 @@ register_backend(Int8Backend("xla_dot", "xla", _xla_available, lambda a, w: gemm
 register_backend(Int8Backend("fp64", "any", lambda: True, lambda a, w: (a.double() @ w.double().t()).to(torch.int64),
                              "integer codes multiplied in float64 (exact below 2^53)"))
 
-# CPU W8A8 linear form behind each CPU backend (see rayq.kernels.w8a8_linear.W8A8Linear)
+# CPU W8A8 linear form behind each CPU backend (see rayq.kernels.quantize.W8A8Linear)
 CPU_FORMS = {"int_mm_s8s8": "s8s8", "int_mm_u8s8": "u8s8", "onednn_qlinear": "onednn", "fp32_exact": "f32"}
 
 

@@ -12,10 +12,6 @@ runs under no_grad, and `backend` picks the arithmetic:
   call is big enough to repay it (AUTO_COMPILE_WORK), eager otherwise;
 - "eager": the same path choice, never compiled; "compiled": always the compiled `_int_mm` form;
 - "reference": the fp64 path of the same math (`rayq.kernels.gemm.*_reference`), the yardstick.
-
-The module classes live beside this file (`base`: QuantModule, QuantLinear, `output_dtype`;
-`w8a8_linear`: W8A8Linear) and are importable from here as before; `rayq.kernels.graph` compiles
-a whole quantized model.
 """
 
 from __future__ import annotations
@@ -29,16 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import gemm
-from .base import (  # noqa: F401  (re-exported: rayq.kernels.quantize is where users import them)
-    AUTO_COMPILE_MIN_ROWS,
-    AUTO_COMPILE_WORK,
-    BACKENDS,
-    QuantLinear,
-    QuantModule,
-    _check_backend,
-    output_dtype,
-)
+from . import backends, gemm
 from .files import atomic_write
 from .schemes import (
     Scheme,
@@ -51,10 +38,16 @@ from .schemes import (
     as_scheme,
     scheme_from_dict,
 )
-from .w8a8_linear import W8A8Linear
 
 Tensor = torch.Tensor
 
+BACKENDS = ("auto", "eager", "compiled", "reference")
+# "auto" compiles when a call has >= AUTO_COMPILE_MIN_ROWS tokens and >= AUTO_COMPILE_WORK
+# multiply-adds: measured here, the fused form beat eager from 256x1024x1024 up and lost at M=1
+# (Dynamo guards + launch cost more than the passes they save); tiny test models stay eager and
+# never pay the compile time.
+AUTO_COMPILE_WORK = 2**28
+AUTO_COMPILE_MIN_ROWS = 32
 FORMAT = "rayq.kernels.quantized/1"
 META_KEY = "__rayq_quant_meta__"
 SMOOTH_EPS = 1e-5  # SmoothQuant's floor for channel maxima and factors (dead channels stay finite)
@@ -62,7 +55,187 @@ SMOOTH_EPS = 1e-5  # SmoothQuant's floor for channel maxima and factors (dead ch
 LayerFilter = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
 
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise SchemeError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    return backend
+
+
 # --------------------------------------------------------------------------- modules
+
+
+class QuantModule(nn.Module):
+    """Common part of quantized modules: a name for error messages, the backend switch, and a
+    `spec()` from which `load_quantized` rebuilds an empty module before loading its tensors."""
+
+    kind = "QuantModule"
+
+    def __init__(self, name: str, scheme: Scheme, backend: str):
+        super().__init__()
+        self.name = name
+        self.scheme = scheme
+        self.backend = _check_backend(backend)
+        self.check_finite = True  # on XLA this forces a device sync per layer; callers may turn it off
+
+    def _raise_nonfinite(self) -> None:
+        raise SchemeError(f"layer {self.name!r}: input contains NaN or inf ({self.scheme.name})")
+
+    def _check(self, t: Tensor) -> None:
+        if self.check_finite and not bool(torch.isfinite(t).all()):
+            self._raise_nonfinite()
+
+    def spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class QuantLinear(QuantModule):
+    """Base of quantized linears: y = x W^T + b with x [..., K] -> y [..., N], output in x's dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, name: str, scheme: Scheme, backend: str = "auto"):
+        super().__init__(name, scheme, backend)
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    # activation dtypes `_fast` reads as they are; any other is converted to fp32 first
+    fast_inputs: tuple[torch.dtype, ...] = (torch.float32,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"layer {self.name!r}: expected last dim {self.in_features}, got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        out_dtype = output_dtype(x)
+        with torch.no_grad():
+            if self.backend == "reference":
+                self._check(x2)
+                out = self._reference(x2).to(device=x.device)
+            else:
+                out = self._fast(x2 if x2.dtype in self.fast_inputs else x2.float(), out_dtype)
+        return out.to(out_dtype).reshape(*lead, self.out_features)
+
+    def _use_compiled(self, x: Tensor) -> bool:
+        if x.device.type not in ("cpu", "cuda"):  # XLA traces and fuses the graph itself
+            return False
+        if self.backend == "compiled":
+            return True
+        work = x.shape[0] * self.in_features * self.out_features
+        return self.backend == "auto" and x.shape[0] >= AUTO_COMPILE_MIN_ROWS and work >= AUTO_COMPILE_WORK
+
+    def _fast(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """y for x [M, K]; in `out_dtype` where the kernel can write it directly, else fp32."""
+        raise NotImplementedError
+
+    def _reference(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None, "scheme": self.scheme.to_dict()}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, scheme={self.scheme.name}, backend={self.backend}"
+
+
+def output_dtype(x: Tensor) -> torch.dtype:
+    """`nn.Linear`'s output dtype for input x: autocast's dtype where autocast is on for x's
+    device, else x's own. A quantized linear follows it, so that a quantized model under a bf16
+    recipe's autocast carries bf16 activations exactly where the FP model does."""
+    device = x.device.type
+    try:
+        if x.is_floating_point() and torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+    except RuntimeError:  # a device type autocast does not know
+        pass
+    return x.dtype
+
+
+class W8A8Linear(QuantLinear):
+    """INT8 weights [N, K] with per-channel (or one per-tensor) scale; activations quantized per
+    token (or per tensor, dynamic or static) at run time; INT8 GEMM with INT32 accumulation;
+    fp32 dequant s_x * acc * s_w + b. Also serves SmoothQuant via `in_scale` (1/s per input
+    channel, applied to x before quantizing; W already carries s). bf16 activations are read as
+    they are (the codes are computed in fp32 either way) and, where the output is bf16 (see
+    `output_dtype`), the oneDNN form writes bf16 itself."""
+
+    kind = "W8A8Linear"
+    fast_inputs = (torch.float32, torch.bfloat16)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, name: str, scheme: Scheme, backend: str = "auto",
+                 per_tensor_weight: bool = False, per_tensor_act: bool = False, static_act: bool = False, smooth: bool = False):
+        super().__init__(in_features, out_features, bias, name=name, scheme=scheme, backend=backend)
+        self.per_tensor_weight, self.per_tensor_act, self.static_act, self.smooth = per_tensor_weight, per_tensor_act, static_act, smooth
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(1 if per_tensor_weight else out_features))
+        self.register_buffer("act_absmax", torch.ones(1) if static_act else None)
+        self.register_buffer("in_scale", torch.ones(in_features) if smooth else None)
+        # derived from qweight per (form, weight version): u8 compensation or the oneDNN prepack
+        self._derived: dict[str, tuple[tuple, Any]] = {}
+
+    def __deepcopy__(self, memo):
+        # the derived tensors (opaque oneDNN layouts among them) are rebuilt on use, not copied
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for k, v in self.__dict__.items():
+            clone.__dict__[k] = {} if k == "_derived" else copy.deepcopy(v, memo)
+        return clone
+
+    def _cached(self, form: str, build: Callable[[], Any]) -> Any:
+        key = (self.qweight.data_ptr(), self.qweight._version)
+        hit = self._derived.get(form)
+        if hit is None or hit[0] != key:
+            hit = (key, build())
+            self._derived[form] = hit
+        return hit[1]
+
+    def _cpu_form(self, x: Tensor, out_dtype: torch.dtype = torch.float32) -> str:
+        """"s8s8", "u8s8", "onednn" or "f32": forced (`gemm.set_cpu_kernel`), else the machine's probe."""
+        form = gemm.cpu_kernel() or backends.choose(x.shape[0], out_dtype, self._use_compiled(x))
+        if form == "u8s8" and self.in_features > gemm.MAX_K_U8:
+            return "s8s8"  # the u8 accumulator would overflow int32
+        if form == "f32" and not gemm.fp32_gemm_is_ieee():
+            return "s8s8"  # fp32 matmul precision lowered since the probe: no longer exact
+        return form
+
+    def _compensation(self, form: str) -> Optional[Tensor]:
+        """128 * colsum(W_q) for the u8 x s8 CPU GEMM, cached per weight version."""
+        if form != "u8s8":
+            return None
+        return self._cached("u8s8", lambda: self.qweight.sum(1, dtype=torch.int32) * 128)
+
+    def _onednn_args(self, x: Tensor, out_dtype: torch.dtype) -> tuple:
+        packed, w_scale = self._cached("onednn", lambda: (
+            gemm.onednn_prepack(self.qweight, x.shape[0]), self.w_scale.expand(self.out_features).contiguous()))
+        # oneDNN writes fp32 or bf16; anything else is converted by `forward`
+        out = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
+        return (x, packed, w_scale, self.bias, self.in_scale, self.act_absmax, self.per_tensor_act, out)
+
+    def _args(self) -> tuple:
+        return (self.qweight, self.w_scale, self.bias, self.in_scale, self.act_absmax, self.per_tensor_act)
+
+    def _fast(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
+        form = self._cpu_form(x, out_dtype) if x.device.type == "cpu" else "s8s8"
+        if form == "f32":  # one GEMM call and in-place passes: nothing for a compile to fuse
+            eager, compiled, args = gemm.w8a8_f32, None, (x, self._cached("f32", self.qweight.float), *self._args()[1:])
+        elif form == "onednn":
+            eager, compiled, args = gemm.w8a8_onednn, gemm.compiled_w8a8_onednn, self._onednn_args(x, out_dtype)
+        else:
+            eager, compiled, args = gemm.w8a8_core, gemm.compiled_w8a8_core, (x, *self._args(), self._compensation(form))
+        fn = compiled() if compiled and self._use_compiled(x) else None
+        result = None
+        if fn is not None:
+            try:
+                result = fn(*args)
+            except Exception as exc:  # noqa: BLE001 - a broken compiler must not break evaluation
+                gemm.note_compile_failure(exc)
+        out, absmax = result if result is not None else eager(*args)
+        self._check(absmax)  # NaN/inf in a row poison its absmax
+        return out
+
+    def _reference(self, x: Tensor) -> Tensor:
+        return gemm.w8a8_reference(x, *self._args())
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "per_tensor_weight": self.per_tensor_weight, "per_tensor_act": self.per_tensor_act,
+                "static_act": self.static_act, "smooth": self.smooth}
 
 
 class W8A8GroupLinear(QuantLinear):
